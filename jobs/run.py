@@ -1,0 +1,191 @@
+"""The ``segpipe run`` job: compose the pipeline stages into one Ray Data pipeline and commit.
+
+list (driver) -> read (CPU tasks) -> decode + infer + encode (model actor pool) -> write (CPU
+tasks) -> manifest (driver). Rows between stages are whole shards, so the shard stays the unit
+of work, retry and commit. The weights are resolved once on the driver and reach the actors
+through the Ray object store; credentials never travel: each node reads its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import time
+from collections import Counter
+from dataclasses import asdict
+
+import fsspec
+import ray
+import ray.data
+
+from models import ModelSpec, display_uri, get_model_spec, resolve_weights
+from pipeline.commit import write_manifest
+from pipeline.config import RunConfig
+from pipeline.errors import InputError
+from pipeline.infer import SegmentShards
+from pipeline.listing import Shard, list_shards
+from pipeline.read import read_shards
+from pipeline.schema import TABLE_SCHEMAS
+from pipeline.write import partition_path, shard_file, write_shards
+
+_RUN_ID_FIELDS = ("input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels")
+
+
+def run(config: RunConfig) -> dict:
+    """Run the job ``config`` describes and return its committed manifest."""
+    config = config.model_copy(update={"input": absolute_uri(config.input), "output": absolute_uri(config.output)})
+    _refuse_output_inside_input(config)
+    spec = get_model_spec(config.model)
+    weights = resolve_weights(config.weights, spec)
+    listing = list_shards(config.input, files_per_shard=config.files_per_shard, limit=config.limit)
+    if not listing.shards:
+        raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
+    run_id = _run_id(config, weights.sha256)
+    ray_startup_seconds = _ensure_ray()
+    started = time.monotonic()
+    device, actors, actor_resources = _plan_actors(config)
+    print(
+        f"segpipe: run {run_id}: {len(listing.shards)} shards from {display_uri(config.input)}, "
+        f"{spec.name} ({weights.source}) on {actors} {device} actor(s)",
+        flush=True,
+    )
+    shard_rows = _execute(config, run_id, listing.shards, device, actors, actor_resources, ray.put(weights.state_dict))
+    seconds = time.monotonic() - started
+    manifest = _manifest(config, run_id, spec, weights.sha256, weights.source, listing.shards, shard_rows)
+    manifest["ignored_files"] = listing.ignored_files
+    manifest["timings"] = {"seconds": round(seconds, 3), "ray_startup_seconds": round(ray_startup_seconds, 3)}
+    manifest["manifest_uri"] = write_manifest(config.output, run_id, manifest)
+    return manifest
+
+
+def absolute_uri(uri: str) -> str:
+    """``uri`` with its protocol, local paths made absolute: what every Ray worker can open."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.unstrip_protocol(path).rstrip("/")
+
+
+def _refuse_output_inside_input(config: RunConfig) -> None:
+    if f"{config.output}/".startswith(f"{config.input}/"):
+        raise InputError(
+            f"output {display_uri(config.output)} lies inside input {display_uri(config.input)}; "
+            "segpipe never writes into the archive it reads"
+        )
+
+
+def _run_id(config: RunConfig, weights_sha256: str) -> str:
+    identity = json.dumps({**config.model_dump(mode="json", include=set(_RUN_ID_FIELDS)), "weights": weights_sha256})
+    return f"{config.run_date:%Y%m%d}-{hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()}"
+
+
+def _ensure_ray() -> float:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray; returns the seconds it took."""
+    if ray.is_initialized():
+        return 0.0
+    started = time.monotonic()
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="WARNING")
+    return time.monotonic() - started
+
+
+def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if config.device == "cuda" and gpus == 0:
+        raise InputError("--device cuda, but the Ray cluster has no GPUs")
+    if config.device == "cuda" or (config.device == "auto" and gpus > 0):
+        return "cuda", config.actors or gpus, {"num_gpus": 1}
+    actors = config.actors or 1
+    # Leave one CPU for the read and write tasks; the actors share the rest for torch threads.
+    return "cpu", actors, {"num_cpus": max(1, (int(resources.get("CPU", 1)) - 1) // actors)}
+
+
+def _execute(
+    config: RunConfig,
+    run_id: str,
+    shards: list[Shard],
+    device: str,
+    actors: int,
+    actor_resources: dict,
+    weights: ray.ObjectRef,
+) -> dict[str, dict]:
+    """Run read -> infer -> write over every shard; returns each shard's summary row."""
+    dataset = (
+        ray.data.from_items([{"shard": shard.to_json()} for shard in shards], override_num_blocks=len(shards))
+        .map_batches(read_shards, batch_size=1, batch_format="pyarrow", fn_kwargs={"image_column": config.image_column})
+        .map_batches(
+            SegmentShards,
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            fn_constructor_kwargs={"config": config, "run_id": run_id, "device": device, "weights": weights},
+            **actor_resources,
+        )
+        .map_batches(
+            write_shards,
+            batch_size=1,
+            batch_format="pyarrow",
+            fn_kwargs={"output": config.output, "run_date": config.run_date, "model": config.model},
+        )
+    )
+    return {row["shard_id"]: row for row in dataset.iter_rows()}
+
+
+def _manifest(
+    config: RunConfig,
+    run_id: str,
+    spec: ModelSpec,
+    weights_sha256: str,
+    weights_source: str,
+    shards: list[Shard],
+    shard_rows: dict[str, dict],
+) -> dict:
+    errors: Counter[str] = Counter()
+    masks: Counter[str] = Counter()
+    shard_entries = []
+    for shard in shards:
+        row = shard_rows[shard.shard_id]
+        errors.update(json.loads(row["errors"]))
+        masks.update(json.loads(row["masks"]))
+        shard_entries.append(
+            {
+                "shard_id": shard.shard_id,
+                "kind": shard.kind,
+                "sources": len(shard.sources),
+                "first_uri": display_uri(shard.sources[0].uri),
+                "images": row["images"],
+                "ok": row["ok"],
+                "bytes_written": row["bytes_written"],
+                "files": {table: shard_file(config.output, table, config.run_date, config.model, shard.shard_id) for table in TABLE_SCHEMAS},
+            }
+        )
+    images = sum(entry["images"] for entry in shard_entries)
+    ok = sum(entry["ok"] for entry in shard_entries)
+    return {
+        "run_id": run_id,
+        "status": "complete",
+        "config": config.model_dump(mode="json"),
+        "model": {
+            "name": spec.name,
+            "task": spec.task,
+            "categories": list(spec.categories),
+            "preprocessing": asdict(spec.preprocessing),
+        },
+        "weights": {"source": weights_source, "sha256": weights_sha256},
+        "versions": {
+            "python": platform.python_version(),
+            **{name: importlib.metadata.version(name) for name in ("segpipe", "torch", "torchvision", "ray", "pyarrow")},
+        },
+        "tables": {table: partition_path(config.output, table, config.run_date, config.model) for table in TABLE_SCHEMAS},
+        "counts": {
+            "images": images,
+            "ok": ok,
+            "error": images - ok,
+            "errors_by_type": dict(errors.most_common()),
+            "masks": sum(masks.values()),
+            "masks_by_label": dict(masks.most_common()),
+            "bytes_written": sum(entry["bytes_written"] for entry in shard_entries),
+        },
+        "shards": shard_entries,
+    }

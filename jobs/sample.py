@@ -1,0 +1,85 @@
+"""Build the small sample archive that ``make run`` segments: ``python -m jobs.sample DIR``.
+
+Real photos bundled with scikit-image, as loose JPEGs, a WebDataset-style ``.tar`` shard and a
+Parquet file with an image-bytes column; awkward but valid images (grayscale, palette GIF,
+RGBA, CMYK, 16-bit, EXIF-rotated, WebP, BMP, TIFF); and one truncated JPEG, which becomes an
+error row. The tests reuse these makers. Everything is deterministic: same bytes every time.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def photos() -> dict[str, np.ndarray]:
+    """scikit-image's bundled RGB photos, by name."""
+    import skimage.data
+
+    return {name: getattr(skimage.data, name)() for name in ("astronaut", "chelsea", "coffee", "rocket")}
+
+
+def encode(pixels: np.ndarray | Image.Image, image_format: str, **options: object) -> bytes:
+    image = pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return buffer.getvalue()
+
+
+def awkward_images() -> dict[str, bytes]:
+    """Valid images in the modes and containers that need converting to RGB, by file name."""
+    import skimage.data
+
+    chelsea = skimage.data.chelsea()
+    exif = Image.Exif()
+    exif[_EXIF_ORIENTATION] = 6  # stored landscape, shown rotated 90 degrees clockwise: portrait
+    first, second = Image.fromarray(skimage.data.coffee()).convert("P"), Image.fromarray(chelsea).convert("P")
+    return {
+        "gray_camera.png": encode(skimage.data.camera(), "PNG"),
+        "palette_animated.gif": encode(first, "GIF", save_all=True, append_images=[second]),
+        "rgba_logo.png": encode(skimage.data.logo(), "PNG"),
+        "cmyk_chelsea.jpg": encode(Image.fromarray(chelsea).convert("CMYK"), "JPEG", quality=90),
+        "sixteen_bit_coins.png": encode(Image.fromarray(skimage.data.coins().astype(np.uint16) * 257), "PNG"),
+        "exif_rotated_rocket.jpg": encode(skimage.data.rocket(), "JPEG", quality=90, exif=exif),
+        "chelsea.webp": encode(chelsea, "WEBP", quality=80),
+        "chelsea.bmp": encode(chelsea, "BMP"),
+        "chelsea.tiff": encode(chelsea, "TIFF"),
+    }
+
+
+def truncated_jpeg() -> bytes:
+    data = encode(photos()["astronaut"], "JPEG", quality=90)
+    return data[: len(data) // 3]
+
+
+def build_sample(directory: Path) -> None:
+    """Write the sample archive under ``directory`` (replacing files of the same names)."""
+    loose = directory / "photos"
+    loose.mkdir(parents=True, exist_ok=True)
+    jpegs = {f"{name}.jpg": encode(pixels, "JPEG", quality=90) for name, pixels in photos().items()}
+    for name, data in {**jpegs, **awkward_images(), "truncated.jpg": truncated_jpeg()}.items():
+        (loose / name).write_bytes(data)
+    shards = directory / "shards"
+    shards.mkdir(exist_ok=True)
+    with tarfile.open(shards / "photos-000000.tar", "w") as tar:
+        for name, data in jpegs.items():
+            member = tarfile.TarInfo(f"sample-{name}")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    table = pa.table({"key": list(jpegs), "image": pa.array(list(jpegs.values()), type=pa.binary())})
+    pq.write_table(table, shards / "photos-000001.parquet")
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "sample")
+    build_sample(target)
+    print(f"sample archive written to {target}/")

@@ -1,0 +1,41 @@
+"""The short, human-readable summary that ends every ``segpipe run``, built from its manifest."""
+
+from __future__ import annotations
+
+from models import display_uri
+
+_TOP_LABELS = 8
+
+
+def format_summary(manifest: dict) -> str:
+    counts = manifest["counts"]
+    timings = manifest["timings"]
+    seconds = timings["seconds"]
+    failed = f"{counts['error']} failed"
+    if counts["errors_by_type"]:
+        failed += " (" + ", ".join(f"{kind}: {n}" for kind, n in counts["errors_by_type"].items()) + ")"
+    labels = list(counts["masks_by_label"].items())
+    shown = ", ".join(f"{label} {n}" for label, n in labels[:_TOP_LABELS])
+    if len(labels) > _TOP_LABELS:
+        shown += f", ... {len(labels) - _TOP_LABELS} more labels"
+    config = manifest["config"]
+    output = display_uri(config["output"])
+    query = (
+        f"SELECT label, count(*) AS masks, sum(area) AS pixels "
+        f"FROM read_parquet('{output}/masks/**/*.parquet', hive_partitioning=true) "
+        f"WHERE run_id = '{manifest['run_id']}' GROUP BY label ORDER BY masks DESC"
+    )
+    lines = [
+        "",
+        f"segpipe run {manifest['run_id']} committed in {seconds:.1f} s "
+        f"(plus {timings['ray_startup_seconds']:.1f} s Ray start-up)",
+        f"  images      {counts['images']} in: {counts['ok']} ok, {failed}",
+        f"  masks       {counts['masks']}" + (f": {shown}" if shown else ""),
+        f"  throughput  {counts['images'] / seconds if seconds else 0.0:.2f} images/s",
+        f"  tables      {output}/{{images,masks,class_stats}}/run_date={config['run_date']}/model={config['model']}/",
+        f"  manifest    {display_uri(manifest['manifest_uri'])}",
+        f"  try in DuckDB:  {query}",
+    ]
+    if manifest["ignored_files"]:
+        lines.insert(3, f"  ignored     {manifest['ignored_files']} files that are not images, .tar or .parquet")
+    return "\n".join(lines)

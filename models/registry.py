@@ -1,0 +1,119 @@
+"""Model registry: a name maps to a task, a builder, category names and a preprocessing contract.
+
+A builder takes keyword-only ``num_classes`` and returns an ``nn.Module`` with freshly
+initialised parameters; it never downloads anything. Weights are resolved separately
+(:mod:`models.weights`) so that the driver fetches them once for the whole cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+from torch import nn
+from torchvision.models import WeightsEnum
+
+Task = Literal["semantic", "instance", "detection"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ModelError(ValueError):
+    """A model or weights choice that cannot be honoured; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How decoded RGB uint8 pixels become model input.
+
+    ``resize_shorter``: the shorter side is resized to this many pixels (bilinear, antialiased)
+    and the input is normalised with ``mean``/``std``; ``None`` means the model takes float RGB
+    in [0, 1] at original size and resizes internally (torchvision's detection models).
+    """
+
+    resize_shorter: int | None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+SEMANTIC_PREPROCESSING = Preprocessing(resize_shorter=520, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+DETECTION_PREPROCESSING = Preprocessing(resize_shorter=None)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything segpipe needs to know about one registered model."""
+
+    name: str
+    task: Task
+    builder: Callable[..., nn.Module]
+    categories: tuple[str, ...]
+    preprocessing: Preprocessing
+    torchvision_weights: type[WeightsEnum] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories)
+
+    @property
+    def weight_presets(self) -> tuple[str, ...]:
+        """Named ``--weights`` choices: ``random`` plus torchvision's enum members."""
+        members = tuple(self.torchvision_weights.__members__) if self.torchvision_weights else ()
+        return ("random", *members)
+
+    @property
+    def default_weights(self) -> str:
+        """The preset ``--weights DEFAULT`` resolves to (``random`` when there is none)."""
+        if self.torchvision_weights is None:
+            return "random"
+        return self.torchvision_weights.DEFAULT.name
+
+    def build(self) -> nn.Module:
+        """A fresh model in eval mode with this spec's number of classes."""
+        return self.builder(num_classes=self.num_classes).eval()
+
+
+def _build_torchvision(torchvision_builder: Callable[..., nn.Module], *, num_classes: int) -> nn.Module:
+    return torchvision_builder(weights=None, weights_backbone=None, num_classes=num_classes)
+
+
+def torchvision_spec(
+    torchvision_builder: Callable[..., nn.Module],
+    weights: type[WeightsEnum],
+    *,
+    task: Task,
+    preprocessing: Preprocessing,
+) -> ModelSpec:
+    """A spec for a torchvision builder, named and labelled as torchvision names and labels it."""
+    return ModelSpec(
+        name=torchvision_builder.__name__,
+        task=task,
+        builder=partial(_build_torchvision, torchvision_builder),
+        categories=tuple(weights.DEFAULT.meta["categories"]),
+        preprocessing=preprocessing,
+        torchvision_weights=weights,
+    )
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    if spec.name in _REGISTRY:
+        raise ValueError(f"model {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_models() -> list[ModelSpec]:
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]

@@ -1,0 +1,21 @@
+"""torchvision's semantic segmentation models: FCN, DeepLabV3 and LR-ASPP.
+
+Contract: input float32 ``(N, 3, H, W)``, ImageNet-normalised, shorter side resized to 520;
+output ``{"out": logits (N, 21, H, W)}`` over the 21 Pascal VOC categories (index 0 is
+``__background__``). Auxiliary heads are not built: they only serve training, and an
+``aux_classifier.*`` block in a state_dict is dropped on load (:mod:`models.weights`).
+"""
+
+from torchvision.models import segmentation as tv
+
+from models.registry import SEMANTIC_PREPROCESSING, register_model, torchvision_spec
+
+for _builder, _weights in [
+    (tv.fcn_resnet50, tv.FCN_ResNet50_Weights),
+    (tv.fcn_resnet101, tv.FCN_ResNet101_Weights),
+    (tv.deeplabv3_resnet50, tv.DeepLabV3_ResNet50_Weights),
+    (tv.deeplabv3_resnet101, tv.DeepLabV3_ResNet101_Weights),
+    (tv.deeplabv3_mobilenet_v3_large, tv.DeepLabV3_MobileNet_V3_Large_Weights),
+    (tv.lraspp_mobilenet_v3_large, tv.LRASPP_MobileNet_V3_Large_Weights),
+]:
+    register_model(torchvision_spec(_builder, _weights, task="semantic", preprocessing=SEMANTIC_PREPROCESSING))

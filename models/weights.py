@@ -1,0 +1,158 @@
+"""Resolve a ``--weights`` spec to a verified state_dict, once, on the driver.
+
+Spec grammar:
+
+- ``random``: the model's own initialisation under a fixed seed (0), so every actor and every
+  rerun gets the same parameters. Explicitly untrained: for smoke tests and benchmarks.
+- a member of the model's torchvision weights enum (``DEFAULT``, ``COCO_WITH_VOC_LABELS_V1``,
+  or the qualified ``DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1``): read from the torch
+  hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded into it when the driver is online.
+- any fsspec URI or local path to a ``.safetensors`` file or a torch state_dict, optionally
+  pinned as ``URI#sha256=HEX``. Torch files load with ``weights_only=True``: no code they
+  carry ever runs.
+
+A state_dict loads whether or not it carries ``aux_classifier.*`` keys (aux heads only serve
+training) and whether or not it was saved from a ``DistributedDataParallel`` wrapper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import urllib.error
+import urllib.parse
+from dataclasses import dataclass
+
+import fsspec
+import safetensors.torch
+import torch
+from torch import nn
+
+from models.registry import ModelError, ModelSpec
+
+RANDOM_SEED = 0
+_SHA256_PIN = "#sha256="
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A state_dict that fits its model, with the checksum the run manifest records."""
+
+    state_dict: dict[str, torch.Tensor]
+    sha256: str
+    source: str
+
+
+def resolve_weights(spec: str, model: ModelSpec) -> Weights:
+    """Fetch, verify and load-test the weights that ``spec`` names for ``model``."""
+    if spec == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            state_dict = model.build().state_dict()
+        data = safetensors.torch.save(state_dict)
+        return Weights(state_dict, hashlib.sha256(data).hexdigest(), f"random (seed {RANDOM_SEED})")
+    preset = _torchvision_preset(spec, model)
+    if preset is not None:
+        path = _torchvision_file(preset, model)
+        return _from_file(path, model, source=f"torchvision {type(preset).__name__}.{preset.name}")
+    if "/" not in spec and "." not in spec:
+        raise ModelError(
+            f"unknown weights {spec!r} for {model.name}; choose one of: {', '.join(model.weight_presets)}, "
+            "or a path/URI to a .safetensors or .pt state_dict"
+        )
+    return _from_file(spec, model, source=display_uri(spec.split(_SHA256_PIN)[0]))
+
+
+def load_state_dict_into(module: nn.Module, state_dict: dict[str, torch.Tensor], *, model_name: str) -> None:
+    """Strictly load ``state_dict`` (aux heads and a DDP ``module.`` prefix tolerated)."""
+    try:
+        module.load_state_dict(_normalise_keys(state_dict), strict=True)
+    except RuntimeError as error:
+        first_problem = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise ModelError(f"weights do not fit {model_name}: {first_problem}") from None
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` as shown to people: local files as plain paths; no user info or query string,
+    which may carry credentials or signatures."""
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
+        return uri
+    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+
+
+def _normalise_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    return {key: value for key, value in state_dict.items() if not key.startswith("aux_classifier.")}
+
+
+def _torchvision_preset(spec: str, model: ModelSpec):
+    if model.torchvision_weights is None:
+        return None
+    enum_name, _, member = spec.rpartition(".")
+    if enum_name not in ("", model.torchvision_weights.__name__):
+        return None
+    return model.torchvision_weights.__members__.get(member)
+
+
+def _torchvision_file(preset, model: ModelSpec) -> str:
+    """The preset's file in the torch hub cache, downloaded there first if it is missing."""
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(preset.url))
+    if not os.path.exists(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(preset.url, cached, progress=False)
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ModelError(
+                f"{model.name} weights {preset.name} are not in the torch hub cache and could not be "
+                f"downloaded ({reason}); copy {preset.url} to {cached} on the driver, "
+                "or pass --weights PATH_OR_URI to a copy of the file"
+            ) from None
+    return cached
+
+
+def _from_file(spec: str, model: ModelSpec, *, source: str) -> Weights:
+    uri, _, pinned = spec.partition(_SHA256_PIN)
+    try:
+        with fsspec.open(uri, "rb") as file:
+            data = file.read()
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read weights {source}: {type(error).__name__}: {error}") from None
+    sha256 = hashlib.sha256(data).hexdigest()
+    if pinned and pinned.lower() != sha256:
+        raise ModelError(f"weights {source} have sha256 {sha256}, not the pinned {pinned.lower()}; refusing them")
+    state_dict = _parse_state_dict(data, source)
+    state_dict = _normalise_keys(state_dict)
+    load_state_dict_into(model.build(), state_dict, model_name=model.name)
+    return Weights(state_dict, sha256, source)
+
+
+def _parse_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    if data[8:9] == b"{":  # safetensors: 8-byte header length, then a JSON header
+        try:
+            return safetensors.torch.load(data)
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types
+            raise ModelError(f"weights {source} are not a valid safetensors file: {error}") from None
+    try:
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelError(
+            f"refusing weights {source}: not a plain torch state_dict or safetensors file "
+            f"(torch.load with weights_only=True said: {reason})"
+        ) from None
+    if isinstance(loaded, dict) and not _is_tensor_dict(loaded):
+        loaded = next((loaded[key] for key in ("state_dict", "model") if _is_tensor_dict(loaded.get(key))), None)
+    if not _is_tensor_dict(loaded):
+        raise ModelError(f"weights {source} hold no state_dict (a mapping of parameter names to tensors)")
+    return loaded
+
+
+def _is_tensor_dict(value: object) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())

@@ -1,0 +1,50 @@
+"""The one configuration object of a run, shared by the CLI, YAML job specs and the manifest.
+
+Every field is a ``segpipe run`` flag (``files_per_shard`` is ``--files-per-shard``) and a key of
+a job spec; unknown keys are an error. Credentials are never configuration: they come from the
+standard AWS variables, config files or instance roles of each machine.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+
+
+class RunConfig(BaseModel):
+    """What one ``segpipe run`` reads, computes and writes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(
+        description="fsspec URI or local path of the images: a prefix of loose image files, "
+        "WebDataset-style .tar shards and/or Parquet files with an image-bytes column, or one such file"
+    )
+    output: str = Field(description="fsspec URI or local path under which the tables and run manifests go")
+    model: str = Field(description="registered model name (see `segpipe models`)")
+    weights: str = Field(
+        "DEFAULT",
+        description="'random', a torchvision weights name of the model (DEFAULT, COCO_WITH_VOC_LABELS_V1, ...), "
+        "or a URI/path to a .safetensors or torch state_dict file, optionally pinned as URI#sha256=HEX",
+    )
+    run_date: dt.date = Field(
+        default_factory=dt.date.today, description="partition date of the output tables, YYYY-MM-DD (default: today)"
+    )
+    files_per_shard: PositiveInt = Field(256, description="loose image files grouped into one shard (unit of work)")
+    image_column: str = Field("image", description="column holding the encoded image bytes in Parquet inputs")
+    batch_size: PositiveInt = Field(8, description="images per model forward pass")
+    score_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="instance models: keep detections scoring at least this"
+    )
+    limit: PositiveInt | None = Field(None, description="process only the first N images (for trying things)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="'auto' uses GPUs when the Ray cluster has any, else CPUs"
+    )
+    actors: PositiveInt | None = Field(
+        None, description="model actors in the pool (default: one per GPU, or one on CPU-only clusters)"
+    )
+    max_pixels: PositiveInt = Field(
+        100_000_000, description="images with more pixels are refused from their header, before decoding"
+    )

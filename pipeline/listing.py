@@ -1,0 +1,139 @@
+"""List stage (driver): expand an input URI into shards, the unit of work, retry and commit.
+
+A shard is one WebDataset-style ``.tar`` file, one Parquet file with an image-bytes column,
+or a group of up to ``files_per_shard`` loose image files in sorted order. Its ``shard_id`` is
+a hash of its kind and its sources' URIs, sizes and versions (ETag, or mtime where the store
+has none), so the same input always yields the same shards and the same output file names.
+Listing reads no object bytes, except under ``--limit``, where tar headers and Parquet footers
+are read to count images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import tarfile
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import fsspec
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+ShardKind = Literal["files", "tar", "parquet"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One listed object: its full URI, size in bytes and version (ETag or mtime)."""
+
+    uri: str
+    size: int
+    version: str
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str
+    kind: ShardKind
+    sources: tuple[Source, ...]
+    max_images: int | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Shard:
+        fields = json.loads(text)
+        return cls(
+            shard_id=fields["shard_id"],
+            kind=fields["kind"],
+            sources=tuple(Source(**source) for source in fields["sources"]),
+            max_images=fields["max_images"],
+        )
+
+
+@dataclass(frozen=True)
+class Listing:
+    shards: list[Shard]
+    ignored_files: int
+    """Files under the prefix that are neither images, tars nor Parquet, or are hidden (``.x``, ``_x``)."""
+
+
+def image_extension(name: str) -> str | None:
+    extension = posixpath.splitext(name)[1].lower()
+    return extension if extension in IMAGE_EXTENSIONS else None
+
+
+def list_shards(input_uri: str, *, files_per_shard: int, limit: int | None = None) -> Listing:
+    """All shards under ``input_uri`` in a stable order; with ``limit``, just enough for N images."""
+    fs, root = fsspec.core.url_to_fs(input_uri)
+    if not fs.exists(root):
+        raise InputError(f"input not found: {input_uri}")
+    infos = [fs.info(root)] if fs.isfile(root) else fs.find(root, detail=True, withdirs=False).values()
+    loose: list[Source] = []
+    containers: list[tuple[ShardKind, Source]] = []
+    ignored = 0
+    for info in sorted(infos, key=lambda info: info["name"]):
+        name = posixpath.basename(info["name"])
+        source = Source(uri=fs.unstrip_protocol(info["name"]), size=int(info["size"]), version=_version(info))
+        if name.startswith((".", "_")):
+            ignored += 1
+        elif name.lower().endswith(".tar"):
+            containers.append(("tar", source))
+        elif name.lower().endswith(".parquet"):
+            containers.append(("parquet", source))
+        elif image_extension(name):
+            loose.append(source)
+        else:
+            ignored += 1
+    groups: list[tuple[ShardKind, list[Source]]] = [
+        ("files", loose[start : start + files_per_shard]) for start in range(0, len(loose), files_per_shard)
+    ]
+    groups += [(kind, [source]) for kind, source in containers]
+    shards = [_shard(kind, sources) for kind, sources in groups]
+    if limit is not None:
+        shards = _limit(fs, shards, limit)
+    return Listing(shards=shards, ignored_files=ignored)
+
+
+def _shard(kind: ShardKind, sources: list[Source], max_images: int | None = None) -> Shard:
+    identity = "\n".join([kind, str(max_images), *(f"{s.uri}\t{s.size}\t{s.version}" for s in sources)])
+    shard_id = hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()
+    return Shard(shard_id=shard_id, kind=kind, sources=tuple(sources), max_images=max_images)
+
+
+def _limit(fs: fsspec.AbstractFileSystem, shards: list[Shard], limit: int) -> list[Shard]:
+    limited: list[Shard] = []
+    remaining = limit
+    for shard in shards:
+        if remaining <= 0:
+            break
+        count = len(shard.sources) if shard.kind == "files" else _count_images(fs, shard)
+        if count <= remaining:
+            limited.append(shard)
+        elif shard.kind == "files":
+            limited.append(_shard("files", list(shard.sources[:remaining])))
+        else:
+            limited.append(_shard(shard.kind, list(shard.sources), max_images=remaining))
+        remaining -= count
+    return limited
+
+
+def _count_images(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
+    path = fs._strip_protocol(shard.sources[0].uri)
+    with fs.open(path, "rb") as file:
+        if shard.kind == "parquet":
+            return pq.ParquetFile(file).metadata.num_rows
+        with tarfile.open(fileobj=file, mode="r:") as tar:
+            return sum(1 for member in tar if member.isfile() and image_extension(member.name))
+
+
+def _version(info: dict) -> str:
+    for key in ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key]).strip('"')
+    return ""

@@ -1,0 +1,106 @@
+"""Read stage (CPU tasks): one shard descriptor -> one shard row of compressed image bytes.
+
+Bytes stay compressed: they, not decoded pixels, cross the object store to the model actors.
+Each image gets its ``uri`` (for a tar or Parquet member, ``CONTAINER_URI#MEMBER`` where MEMBER
+is the tar member name or the Parquet row index) and ``image_id``, a stable hash of that uri.
+What cannot be read becomes an image row with an ``error_type`` instead of bytes: a missing or
+forbidden object (``read_error``), an unreadable archive (``unreadable_archive``), a Parquet
+file without the image column (``missing_image_column``) or a null cell (``empty_file``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.listing import Shard, image_extension
+from pipeline.schema import ENCODED_IMAGE_SCHEMA, nest, rows_to_table
+
+_PARQUET_READ_ROWS = 64
+
+
+def image_id(uri: str) -> str:
+    """Stable 16-hex-digit id of an image, from its uri (member key included)."""
+    return hashlib.blake2b(uri.encode(), digest_size=8).hexdigest()
+
+
+def read_shards(batch: pa.Table, *, image_column: str) -> pa.Table:
+    """Ray Data batch function: column ``shard`` (JSON descriptors) -> ``shard_id``, ``images``."""
+    shards = [Shard.from_json(text) for text in batch.column("shard").to_pylist()]
+    images = [nest(rows_to_table(list(_read_shard(shard, image_column)), ENCODED_IMAGE_SCHEMA)) for shard in shards]
+    return pa.table({"shard_id": [shard.shard_id for shard in shards], "images": pa.concat_arrays(images)})
+
+
+def _read_shard(shard: Shard, image_column: str) -> Iterator[dict]:
+    if shard.kind == "files":
+        yield from _read_files(shard)
+        return
+    uri = shard.sources[0].uri
+    fs, path = fsspec.core.url_to_fs(uri)
+    members = _tar_members if shard.kind == "tar" else _parquet_members
+    count = 0
+    try:
+        with fs.open(path, "rb") as file:
+            for member, data, error in members(file, image_column):
+                if shard.max_images is not None and count >= shard.max_images:
+                    return
+                count += 1
+                yield _row(f"{uri}#{member}", data, error)
+    except (OSError, tarfile.TarError, pa.ArrowException) as failure:
+        error_type = "read_error" if count == 0 and isinstance(failure, OSError) else "unreadable_archive"
+        yield _row(uri, None, (error_type, f"after {count} images: {type(failure).__name__}: {failure}"))
+
+
+def _read_files(shard: Shard) -> Iterator[dict]:
+    fs, _ = fsspec.core.url_to_fs(shard.sources[0].uri)
+    paths = {fsspec.core.url_to_fs(source.uri)[1]: source.uri for source in shard.sources}
+    contents = fs.cat(list(paths), on_error="return")
+    for path, uri in paths.items():
+        data = contents.get(path, FileNotFoundError(path))
+        if isinstance(data, BaseException):
+            yield _row(uri, None, ("read_error", f"{type(data).__name__}: {data}"))
+        else:
+            yield _row(uri, data, None)
+
+
+def _tar_members(file, image_column: str) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
+    with tarfile.open(fileobj=file, mode="r|*") as tar:
+        for member in tar:
+            if member.isfile() and image_extension(member.name):
+                yield member.name, tar.extractfile(member).read(), None
+
+
+def _parquet_members(file, image_column: str) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
+    parquet = pq.ParquetFile(file)
+    names = parquet.schema_arrow.names
+    if image_column not in names:
+        error = ("missing_image_column", f"no column {image_column!r} (columns: {', '.join(names)}); see --image-column")
+        for row in range(parquet.metadata.num_rows):
+            yield str(row), None, error
+        return
+    row = 0
+    for record_batch in parquet.iter_batches(batch_size=_PARQUET_READ_ROWS, columns=[image_column]):
+        column = record_batch.column(0)
+        if pa.types.is_struct(column.type):  # Hugging Face datasets' Image feature: struct<bytes, path>
+            column = column.field("bytes")
+        for value in column.to_pylist():
+            error = None if value is not None else ("empty_file", f"row {row} has no image bytes (null)")
+            yield str(row), value, error
+            row += 1
+
+
+def _row(uri: str, data: bytes | None, error: tuple[str, str] | None) -> dict:
+    error_type, error_message = error or (None, None)
+    return {
+        "image_id": image_id(uri),
+        "uri": uri,
+        "size_bytes": None if data is None else len(data),
+        "data": data,
+        "error_type": error_type,
+        "error_message": error_message,
+    }

@@ -1,0 +1,103 @@
+"""Explicit Arrow schemas: the three output tables and the shard rows passed between stages.
+
+Every Parquet file of a table has exactly its schema here, whatever a shard holds (an all-error
+shard writes an empty ``masks`` file with the same columns). Plain Arrow types only, so
+DuckDB, pandas, Polars and Spark read the tables with no segpipe code. The Hive partition
+columns ``run_date`` and ``model`` live in the path, not in the files.
+
+Between stages a shard travels as one row whose list<struct> columns hold its per-image rows:
+Ray Data may split or merge blocks, but never a row, so a shard is never torn apart.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+IMAGES_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("shard_id", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("status", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+        ("n_masks", pa.int32()),
+    ]
+)
+
+MASKS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("mask_index", pa.int32()),
+        ("kind", pa.string()),
+        ("class_id", pa.int32()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+        ("bbox_x1", pa.float32()),
+        ("bbox_y1", pa.float32()),
+        ("bbox_x2", pa.float32()),
+        ("bbox_y2", pa.float32()),
+        ("area", pa.int64()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("mask_rle", pa.string()),
+    ]
+)
+
+CLASS_STATS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("image_id", pa.string()),
+        ("class_id", pa.int32()),
+        ("label", pa.string()),
+        ("pixel_count", pa.int64()),
+        ("pixel_fraction", pa.float64()),
+        ("instance_count", pa.int32()),
+        ("mean_score", pa.float32()),
+    ]
+)
+
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "images": IMAGES_SCHEMA,
+    "masks": MASKS_SCHEMA,
+    "class_stats": CLASS_STATS_SCHEMA,
+}
+
+# One input image as the read stage hands it to the model actors: compressed bytes, or why not.
+ENCODED_IMAGE_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("data", pa.large_binary()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+
+
+def nest(table: pa.Table) -> pa.Array:
+    """A one-element list<struct> array holding all rows of ``table`` (one cell of a shard row)."""
+    struct_type = pa.struct(list(table.schema))
+    rows = pa.StructArray.from_arrays(
+        [column.combine_chunks() for column in table.columns], fields=list(struct_type)
+    ) if table.num_rows else pa.array([], type=struct_type)
+    return pa.LargeListArray.from_arrays(pa.array([0, table.num_rows], type=pa.int64()), rows)
+
+
+def unnest(cell: pa.Scalar, schema: pa.Schema) -> pa.Table:
+    """The rows of one list<struct> cell made by :func:`nest`, as a table with ``schema``."""
+    values = cell.values
+    if values is None or len(values) == 0:
+        return schema.empty_table()
+    return pa.Table.from_struct_array(values).cast(schema)
+
+
+def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
