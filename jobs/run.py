@@ -85,7 +85,7 @@ def _ensure_ray() -> float:
     if ray.is_initialized():
         return 0.0
     started = time.monotonic()
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="WARNING")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="WARNING")
     return time.monotonic() - started
 
 

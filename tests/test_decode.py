@@ -1,0 +1,90 @@
+"""Decode stage: awkward but valid images become RGB; broken ones get a specific error_type."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from jobs.sample import awkward_images, encode, truncated_jpeg
+from pipeline.decode import DecodeError, decode_image
+
+MAX_PIXELS = 100_000_000
+
+
+@pytest.mark.parametrize("name", sorted(awkward_images()))
+def test_awkward_images_decode_to_rgb(name: str) -> None:
+    pixels = decode_image(awkward_images()[name], max_pixels=MAX_PIXELS)
+    assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
+    assert pixels.flags.writeable
+
+
+def test_exif_orientation_is_applied() -> None:
+    rocket = skimage.data.rocket()  # 427 x 640, landscape
+    pixels = decode_image(awkward_images()["exif_rotated_rocket.jpg"], max_pixels=MAX_PIXELS)
+    assert pixels.shape[:2] == (rocket.shape[1], rocket.shape[0])
+    rotated = np.rot90(rocket, k=-1)  # orientation 6: rotate 90 degrees clockwise
+    assert np.abs(pixels.astype(int) - rotated).mean() < 4
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    pixels = decode_image(awkward_images()["sixteen_bit_coins.png"], max_pixels=MAX_PIXELS)
+    assert np.array_equal(pixels[:, :, 0], skimage.data.coins())
+    assert np.array_equal(pixels[:, :, 0], pixels[:, :, 2])
+
+
+def test_gray_palette_rgba_and_cmyk_keep_their_content() -> None:
+    gray = decode_image(awkward_images()["gray_camera.png"], max_pixels=MAX_PIXELS)
+    assert np.array_equal(gray[:, :, 1], skimage.data.camera())
+    logo = decode_image(awkward_images()["rgba_logo.png"], max_pixels=MAX_PIXELS)
+    assert np.array_equal(logo, skimage.data.logo()[:, :, :3])
+    gif = decode_image(awkward_images()["palette_animated.gif"], max_pixels=MAX_PIXELS)
+    assert gif.shape == skimage.data.coffee().shape  # the first frame, not the second (chelsea)
+    cmyk = decode_image(awkward_images()["cmyk_chelsea.jpg"], max_pixels=MAX_PIXELS)
+    assert np.abs(cmyk.astype(int) - skimage.data.chelsea()).mean() < 8
+
+
+BROKEN = {
+    "empty": (b"", "empty_file"),
+    "random bytes": (np.random.default_rng(0).bytes(5000), "not_an_image"),
+    "html error page": (b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>", "not_an_image"),
+    "truncated jpeg": (truncated_jpeg(), "truncated_image"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_broken_files_get_specific_error_types(case: str) -> None:
+    data, error_type = BROKEN[case]
+    with pytest.raises(DecodeError) as raised:
+        decode_image(data, max_pixels=MAX_PIXELS)
+    assert raised.value.error_type == error_type
+    assert str(raised.value)
+
+
+def test_html_is_named_in_the_message() -> None:
+    with pytest.raises(DecodeError, match="HTML"):
+        decode_image(BROKEN["html error page"][0], max_pixels=MAX_PIXELS)
+
+
+def test_too_many_pixels_is_refused_from_the_header() -> None:
+    big = encode(Image.new("L", (4000, 3000)), "PNG")
+    with pytest.raises(DecodeError) as raised:
+        decode_image(big, max_pixels=10_000_000)
+    assert raised.value.error_type == "too_many_pixels"
+    assert decode_image(big, max_pixels=12_000_000).shape == (3000, 4000, 3)
+
+
+def test_truncated_png_is_truncated_image() -> None:
+    data = encode(skimage.data.astronaut(), "PNG")
+    with pytest.raises(DecodeError) as raised:
+        decode_image(data[: len(data) // 2], max_pixels=MAX_PIXELS)
+    assert raised.value.error_type == "truncated_image"
+
+
+def test_plain_rgb_roundtrip() -> None:
+    astronaut = skimage.data.astronaut()
+    assert np.array_equal(decode_image(encode(astronaut, "PNG"), max_pixels=MAX_PIXELS), astronaut)
+    assert Image.open(io.BytesIO(encode(astronaut, "PNG"))).mode == "RGB"

@@ -1,0 +1,80 @@
+"""Encode stage: RLE round trips through pycocotools; boxes, areas and statistics add up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pycocotools.mask as coco_mask
+import pytest
+
+from pipeline.encode import encode_class_map, encode_mask, instance_rows, semantic_rows
+
+CATEGORIES = tuple(f"c{i}" for i in range(6))
+
+
+def _decode(rle: str, height: int, width: int) -> np.ndarray:
+    return coco_mask.decode({"size": [height, width], "counts": rle}).astype(bool)
+
+
+def _class_maps() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    maps = [rng.integers(0, 6, size=shape) for shape in [(1, 1), (1, 17), (17, 1), (31, 29), (64, 48)]]
+    maps.append(np.kron(rng.integers(0, 4, size=(6, 8)), np.ones((9, 7), dtype=int)))  # blocky regions
+    maps.append(np.zeros((20, 30), dtype=int))  # one class everywhere
+    single = np.zeros((20, 30), dtype=int)
+    single[19, 29] = 5  # one pixel in the last position
+    maps.append(single)
+    return maps
+
+
+@pytest.mark.parametrize("class_map", _class_maps(), ids=lambda m: "x".join(map(str, m.shape)))
+def test_class_masks_match_pycocotools(class_map: np.ndarray) -> None:
+    height, width = class_map.shape
+    for class_id, encoded in encode_class_map(class_map).items():
+        mask = class_map == class_id
+        reference = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert encoded.rle == reference["counts"].decode()
+        assert np.array_equal(_decode(encoded.rle, height, width), mask)
+        assert encoded.area == mask.sum() == coco_mask.area(reference)
+        rows, columns = np.nonzero(mask)
+        assert encoded.bbox == (columns.min(), rows.min(), columns.max() + 1, rows.max() + 1)
+
+
+def test_random_binary_masks_round_trip() -> None:
+    rng = np.random.default_rng(3)
+    for density in (0.01, 0.5, 0.99):
+        mask = rng.random((97, 131)) < density
+        encoded = encode_mask(mask)
+        assert encoded is not None
+        assert np.array_equal(_decode(encoded.rle, 97, 131), mask)
+    assert encode_mask(np.zeros((5, 5), dtype=bool)) is None
+
+
+def test_semantic_rows_partition_the_image() -> None:
+    class_map = np.kron(np.arange(6).reshape(2, 3), np.ones((10, 10), dtype=int))
+    masks, stats = semantic_rows(class_map, CATEGORIES)
+    assert [row["class_id"] for row in masks] == list(range(6))
+    assert all(row["kind"] == "class" and row["score"] is None for row in masks)
+    decoded = np.stack([_decode(row["mask_rle"], 20, 30) for row in masks])
+    assert (decoded.sum(axis=0) == 1).all()  # every pixel in exactly one class mask
+    assert sum(row["pixel_count"] for row in stats) == 20 * 30
+    assert sum(row["pixel_fraction"] for row in stats) == pytest.approx(1.0)
+    assert masks[4]["bbox_x1"] == 10 and masks[4]["bbox_y1"] == 10 and masks[4]["bbox_x2"] == 20
+
+
+def test_instance_rows_count_union_pixels_and_scores() -> None:
+    masks = np.zeros((3, 10, 10), dtype=bool)
+    masks[0, :5, :5] = True
+    masks[1, 3:8, 3:8] = True  # overlaps the first by 4 pixels
+    masks[2, 9, 9] = True
+    boxes = np.array([[0, 0, 5, 5], [3, 3, 8, 8], [9, 9, 10, 10]], dtype=np.float32)
+    labels = np.array([1, 1, 4])
+    scores = np.array([0.9, 0.7, 0.6], dtype=np.float32)
+    rows, stats = instance_rows(boxes, labels, scores, masks, CATEGORIES)
+    assert [(row["kind"], row["label"], row["area"]) for row in rows] == [
+        ("instance", "c1", 25), ("instance", "c1", 25), ("instance", "c4", 1),
+    ]  # fmt: skip
+    assert rows[1]["bbox_x1"] == 3.0 and rows[1]["score"] == pytest.approx(0.7)
+    by_class = {row["class_id"]: row for row in stats}
+    assert by_class[1]["pixel_count"] == 46 and by_class[1]["instance_count"] == 2
+    assert by_class[1]["mean_score"] == pytest.approx(0.8)
+    assert by_class[4]["pixel_fraction"] == pytest.approx(0.01)

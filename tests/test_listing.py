@@ -1,0 +1,76 @@
+"""List stage: shard kinds, grouping, stable ids, --limit and a missing input."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.sample import encode, photos
+from pipeline.errors import InputError
+from pipeline.listing import list_shards
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    jpeg = encode(photos()["chelsea"], "JPEG")
+    for index in range(5):
+        (tmp_path / "loose" / f"{index:02d}.jpg").parent.mkdir(exist_ok=True)
+        (tmp_path / "loose" / f"{index:02d}.jpg").write_bytes(jpeg)
+    (tmp_path / "loose" / "notes.txt").write_text("not an image")
+    (tmp_path / "loose" / ".hidden.jpg").write_bytes(jpeg)
+    (tmp_path / "loose" / "_SUCCESS").write_text("")
+    (tmp_path / "loose" / "UPPER.JPEG").write_bytes(jpeg)
+    with tarfile.open(tmp_path / "a.tar", "w") as tar:
+        for name in ("k1.jpg", "k1.json", "k2.png", "k3.jpg"):
+            member = tarfile.TarInfo(name)
+            member.size = len(jpeg)
+            tar.addfile(member, io.BytesIO(jpeg))
+    pq.write_table(pa.table({"image": [jpeg] * 4}), tmp_path / "b.parquet")
+    return tmp_path
+
+
+def test_shard_kinds_and_grouping(archive: Path) -> None:
+    listing = list_shards(str(archive), files_per_shard=4)
+    kinds = [shard.kind for shard in listing.shards]
+    assert kinds == ["files", "files", "tar", "parquet"]
+    assert [len(shard.sources) for shard in listing.shards] == [4, 2, 1, 1]
+    assert listing.ignored_files == 3  # notes.txt, .hidden.jpg, _SUCCESS
+    uris = [source.uri for shard in listing.shards[:2] for source in shard.sources]
+    assert uris == sorted(uris) and all(uri.startswith("file://") for uri in uris)
+    assert any(uri.endswith("loose/UPPER.JPEG") for uri in uris)  # extensions match in any case
+
+
+def test_shard_ids_are_stable_and_follow_content(archive: Path) -> None:
+    first = list_shards(str(archive), files_per_shard=4).shards
+    again = list_shards(str(archive), files_per_shard=4).shards
+    assert [s.shard_id for s in first] == [s.shard_id for s in again]
+    assert len({s.shard_id for s in first}) == len(first)
+    time.sleep(0.01)
+    (archive / "b.parquet").write_bytes((archive / "b.parquet").read_bytes())  # new mtime: a new version
+    changed = list_shards(str(archive), files_per_shard=4).shards
+    assert [s.shard_id for s in changed[:3]] == [s.shard_id for s in first[:3]]
+    assert changed[3].shard_id != first[3].shard_id
+
+
+def test_limit_takes_the_first_images(archive: Path) -> None:
+    assert sum(len(s.sources) for s in list_shards(str(archive), files_per_shard=4, limit=3).shards) == 3
+    limited = list_shards(str(archive), files_per_shard=4, limit=8).shards
+    assert [s.kind for s in limited] == ["files", "files", "tar"]
+    assert limited[2].max_images == 2  # 6 loose files, then 2 of the tar's 3 images
+    assert list_shards(str(archive), files_per_shard=4, limit=9).shards[2].max_images is None
+
+
+def test_single_file_input(archive: Path) -> None:
+    listing = list_shards(str(archive / "a.tar"), files_per_shard=4)
+    assert [s.kind for s in listing.shards] == ["tar"]
+
+
+def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="input not found"):
+        list_shards(str(tmp_path / "nope"), files_per_shard=4)
