@@ -1,0 +1,109 @@
+"""The command line: listing models, help, one-line errors with exit code 2, and a real run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from jobs.cli import main
+from jobs.sample import build_sample
+from pipeline.config import RunConfig
+
+SEGPIPE = str(Path(sys.executable).with_name("segpipe"))
+
+
+def test_models_json_lists_every_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "--json"]) == 0
+    entries = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    deeplab = entries["deeplabv3_resnet50"]
+    assert deeplab["task"] == "semantic" and deeplab["num_classes"] == 21 == len(deeplab["categories"])
+    assert deeplab["weights"] == ["random", "COCO_WITH_VOC_LABELS_V1", "DEFAULT"]
+    assert entries["maskrcnn_resnet50_fpn_v2"]["default_weights"] == "COCO_V1"
+
+
+def test_models_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "TASK", "CLASSES", "DEFAULT", "WEIGHTS"]
+    assert any(line.split()[:3] == ["maskrcnn_resnet50_fpn", "instance", "91"] for line in lines)
+
+
+def test_run_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    for name in RunConfig.model_fields:
+        assert "--" + name.replace("_", "-") in text
+
+
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [
+        (["--output", "o", "--model", "fcn_resnet50"], "--input is required"),
+        (["--input", "{tmp}/nowhere", "--output", "{tmp}/out", "--model", "fcn_resnet50", "--weights", "random"],
+         "input not found"),
+        (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "segformer"], "unknown model 'segformer'; choose one of"),
+        (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "fcn_resnet50", "--weights", "{tmp}/w.pt"],
+         "cannot read weights"),
+        (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "fcn_resnet50", "--batch-size", "0"],
+         "--batch-size: Input should be greater than 0"),
+        (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "fcn_resnet50", "--run-date", "yesterday"],
+         "--run-date"),
+        (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "lraspp_mobilenet_v3_large", "--weights", "random"],
+         "no images"),
+        (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "lraspp_mobilenet_v3_large", "--weights", "random",
+          "--spec", "{tmp}/spec.yaml"], "unknown setting 'colour'"),
+    ],  # fmt: skip
+)
+def test_bad_arguments_give_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments: list[str], reason: str
+) -> None:
+    (tmp_path / "spec.yaml").write_text("colour: blue\n")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("no images here")
+    assert main(["run", *(argument.format(tmp=tmp_path) for argument in arguments)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("segpipe: error: ") and error.count("\n") == 1
+    assert reason in error
+
+
+def test_output_inside_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    build_sample(tmp_path / "archive")
+    arguments = ["--input", str(tmp_path / "archive"), "--model", "lraspp_mobilenet_v3_large", "--weights", "random"]
+    assert main(["run", *arguments, "--output", str(tmp_path / "archive" / "out")]) == 2
+    assert "lies inside input" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
+    """What `make run` does, in a fresh process with its own local Ray instance."""
+    build_sample(tmp_path / "sample")
+    spec = tmp_path / "job.yaml"
+    spec.write_text(
+        f"input: {tmp_path / 'sample'}\noutput: {tmp_path / 'out'}\nmodel: lraspp_mobilenet_v3_large\n"
+        "weights: random\nrun_date: 2026-11-24\nfiles_per_shard: 8\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
+    result = subprocess.run(
+        [SEGPIPE, "run", "--spec", str(spec), "--limit", "6"],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = result.stdout
+    assert "images      6 in: 6 ok, 0 failed" in summary
+    assert "throughput" in summary and "_runs/" in summary
+    query = summary.split("try in DuckDB:")[1].strip()
+    rows = duckdb.sql(query).fetchall()
+    assert sum(count for _, count, _ in rows) > 0
+    images = duckdb.sql(
+        f"SELECT count(*) FROM read_parquet('{tmp_path}/out/images/**/*.parquet', hive_partitioning=true) "
+        "WHERE run_date = DATE '2026-11-24' AND model = 'lraspp_mobilenet_v3_large'"
+    ).fetchall()
+    assert images == [(6,)]
