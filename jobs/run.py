@@ -31,6 +31,9 @@ from pipeline.read import read_shards
 from pipeline.schema import TABLE_SCHEMAS
 from pipeline.write import partition_path, shard_file, write_shards
 
+# Read and write tasks mostly wait on storage: half a CPU each lets more of them overlap, and
+# keeps them from being fused into the model actors, which must not wait on I/O.
+_IO_TASK_CPUS = 0.5
 _RUN_ID_FIELDS = ("input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels")
 
 
@@ -97,8 +100,10 @@ def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
         return "cuda", config.actors or gpus, {"num_gpus": 1}
     actors = config.actors or 1
-    # Leave one CPU for the read and write tasks; the actors share the rest for torch threads.
-    return "cpu", actors, {"num_cpus": max(1, (int(resources.get("CPU", 1)) - 1) // actors)}
+    cpus = resources.get("CPU", 1.0)
+    # Leave room for the I/O-bound read and write tasks; the actors share the rest for torch threads.
+    reserved = 1.0 if cpus >= 2 else _IO_TASK_CPUS
+    return "cpu", actors, {"num_cpus": max(_IO_TASK_CPUS, (cpus - reserved) / actors)}
 
 
 def _execute(
@@ -113,7 +118,13 @@ def _execute(
     """Run read -> infer -> write over every shard; returns each shard's summary row."""
     dataset = (
         ray.data.from_items([{"shard": shard.to_json()} for shard in shards], override_num_blocks=len(shards))
-        .map_batches(read_shards, batch_size=1, batch_format="pyarrow", fn_kwargs={"image_column": config.image_column})
+        .map_batches(
+            read_shards,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=_IO_TASK_CPUS,
+            fn_kwargs={"image_column": config.image_column},
+        )
         .map_batches(
             SegmentShards,
             batch_size=1,
@@ -126,6 +137,7 @@ def _execute(
             write_shards,
             batch_size=1,
             batch_format="pyarrow",
+            num_cpus=_IO_TASK_CPUS,
             fn_kwargs={"output": config.output, "run_date": config.run_date, "model": config.model},
         )
     )

@@ -57,7 +57,7 @@ class SegmentShards:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))
+            torch.set_num_threads(max(1, round(cpus)))
         model = self.spec.build()
         load_state_dict_into(model, ray.get(weights), model_name=self.spec.name)
         if self.spec.task == "instance":

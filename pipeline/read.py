@@ -40,13 +40,14 @@ def _read_shard(shard: Shard, image_column: str) -> Iterator[dict]:
     if shard.kind == "files":
         yield from _read_files(shard)
         return
-    uri = shard.sources[0].uri
+    source = shard.sources[0]
+    uri = source.uri
     fs, path = fsspec.core.url_to_fs(uri)
-    members = _tar_members if shard.kind == "tar" else _parquet_members
     count = 0
     try:
         with fs.open(path, "rb") as file:
-            for member, data, error in members(file, image_column):
+            members = _tar_members(file, source.size) if shard.kind == "tar" else _parquet_members(file, image_column)
+            for member, data, error in members:
                 if shard.max_images is not None and count >= shard.max_images:
                     return
                 count += 1
@@ -68,11 +69,14 @@ def _read_files(shard: Shard) -> Iterator[dict]:
             yield _row(uri, data, None)
 
 
-def _tar_members(file, image_column: str) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
-    with tarfile.open(fileobj=file, mode="r|*") as tar:
+def _tar_members(file, size: int) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
+    with tarfile.open(fileobj=file, mode="r|") as tar:
         for member in tar:
             if member.isfile() and image_extension(member.name):
                 yield member.name, tar.extractfile(member).read(), None
+        # tarfile ends quietly at a cut-off header; a whole archive has zero blocks after its members.
+        if size < tar.offset + tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"the archive ends at byte {size} without its end-of-archive blocks (truncated?)")
 
 
 def _parquet_members(file, image_column: str) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:

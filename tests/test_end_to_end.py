@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import os
 import tarfile
 
 import duckdb
@@ -157,13 +158,17 @@ SEMANTIC = "lraspp_mobilenet_v3_large"
 INSTANCE = "maskrcnn_resnet50_fpn"
 
 
-def test_semantic_random_weights(s3, bucket: str) -> None:
+def test_semantic_random_weights(s3, bucket: str, capfd: pytest.CaptureFixture[str]) -> None:
     expected = _upload_corpus(s3, f"{bucket}/archive", photo_names=("astronaut", "chelsea"))
     output = f"s3://{bucket}/tables"
     manifest = run(_config(f"s3://{bucket}/archive", output, SEMANTIC, "random"))
     _check_tables(s3, output, manifest, expected)
     assert manifest["weights"]["source"] == "random (seed 0)"
     assert manifest["ignored_files"] == 1
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    logs = capfd.readouterr()
+    assert secret not in logs.out + logs.err
+    assert secret not in s3.cat(manifest["manifest_uri"]).decode()
 
 
 def test_semantic_state_dict_from_s3_equals_torchvision(s3, bucket: str) -> None:

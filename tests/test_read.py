@@ -1,0 +1,94 @@
+"""Read stage: compressed bytes per image, member URIs, and error rows for what cannot be read."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.sample import encode, photos
+from pipeline.listing import list_shards
+from pipeline.read import image_id, read_shards
+from pipeline.schema import ENCODED_IMAGE_SCHEMA, unnest
+
+JPEG = encode(photos()["chelsea"], "JPEG")
+
+
+def _read(path: Path, image_column: str = "image") -> list[list[dict]]:
+    shards = list_shards(str(path), files_per_shard=2).shards
+    batch = pa.table({"shard": [shard.to_json() for shard in shards]})
+    result = read_shards(batch, image_column=image_column)
+    assert result.column("shard_id").to_pylist() == [shard.shard_id for shard in shards]
+    return [unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist() for cell in result.column("images")]
+
+
+def _tar(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_loose_files_keep_their_bytes(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "b.png").write_bytes(b"")
+    [images] = _read(tmp_path)
+    assert [row["data"] for row in images] == [JPEG, b""]
+    assert images[0]["uri"] == f"file://{tmp_path}/a.jpg" and images[0]["image_id"] == image_id(images[0]["uri"])
+    assert images[0]["size_bytes"] == len(JPEG) and images[0]["error_type"] is None
+
+
+def test_a_file_deleted_after_listing_is_a_read_error(tmp_path: Path) -> None:
+    (tmp_path / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "b.jpg").write_bytes(JPEG)
+    shards = list_shards(str(tmp_path), files_per_shard=2).shards
+    (tmp_path / "b.jpg").unlink()
+    result = read_shards(pa.table({"shard": [shards[0].to_json()]}), image_column="image")
+    images = unnest(result.column("images")[0], ENCODED_IMAGE_SCHEMA).to_pylist()
+    assert [row["error_type"] for row in images] == [None, "read_error"]
+    assert "FileNotFoundError" in images[1]["error_message"]
+
+
+def test_tar_members_are_images_with_member_uris(tmp_path: Path) -> None:
+    (tmp_path / "s.tar").write_bytes(_tar({"k1.jpg": JPEG, "k1.json": b"{}", "k2.png": JPEG}))
+    [images] = _read(tmp_path)
+    assert [row["uri"].rsplit("#", 1)[1] for row in images] == ["k1.jpg", "k2.png"]
+    assert all(row["data"] == JPEG for row in images)
+
+
+K2_HEADER = 512 + -(-len(JPEG) // 512) * 512  # k1's header and padded data come first
+
+
+@pytest.mark.parametrize(
+    "cut", [K2_HEADER, K2_HEADER + 100, K2_HEADER + 512 + 100], ids=["at a header", "inside a header", "inside data"]
+)
+def test_a_tar_cut_short_keeps_the_images_before_the_cut_and_says_so(tmp_path: Path, cut: int) -> None:
+    data = _tar({"k1.jpg": JPEG, "k2.jpg": JPEG, "k3.jpg": JPEG})
+    (tmp_path / "s.tar").write_bytes(data[:cut])
+    [images] = _read(tmp_path)
+    assert images[0]["data"] == JPEG and len(images) == 2
+    assert images[-1]["error_type"] == "unreadable_archive" and images[-1]["uri"].endswith("s.tar")
+
+
+def test_parquet_rows_plain_and_struct_columns(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"image": [JPEG, None]}), tmp_path / "a.parquet")
+    struct = pa.array([{"bytes": JPEG, "path": "x.jpg"}], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"img": struct}), tmp_path / "b.parquet")
+    plain, hf_style = _read(tmp_path / "a.parquet")[0], _read(tmp_path / "b.parquet", image_column="img")[0]
+    assert [row["uri"].rsplit("#", 1)[1] for row in plain] == ["0", "1"]
+    assert plain[0]["data"] == JPEG and plain[1]["error_type"] == "empty_file"
+    assert hf_style[0]["data"] == JPEG
+
+
+def test_parquet_without_the_image_column_names_the_columns(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"pixels": [JPEG, JPEG]}), tmp_path / "a.parquet")
+    [images] = _read(tmp_path)
+    assert [row["error_type"] for row in images] == ["missing_image_column"] * 2
+    assert "pixels" in images[0]["error_message"] and "--image-column" in images[0]["error_message"]
