@@ -39,6 +39,12 @@ class Preprocessing:
     std: tuple[float, float, float] | None = None
 
 
+# Pascal VOC's 21 classes as torchvision names them: the default of the seed architectures too.
+VOC_CATEGORIES: tuple[str, ...] = (
+    "__background__", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
 SEMANTIC_PREPROCESSING = Preprocessing(resize_shorter=520, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 DETECTION_PREPROCESSING = Preprocessing(resize_shorter=None)
 
