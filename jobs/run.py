@@ -21,7 +21,7 @@ import fsspec
 import ray
 import ray.data
 
-from models import ModelSpec, display_uri, get_model_spec, resolve_weights
+from models import ModelSpec, Weights, display_uri, get_model_spec, resolve_weights
 from pipeline.commit import write_manifest
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
@@ -55,9 +55,9 @@ def run(config: RunConfig) -> dict:
         f"{spec.name} ({weights.source}) on {actors} {device} actor(s)",
         flush=True,
     )
-    shard_rows = _execute(config, run_id, listing.shards, device, actors, actor_resources, ray.put(weights.state_dict))
+    shard_rows = _execute(config, run_id, listing.shards, device, actors, actor_resources, ray.put(weights))
     seconds = time.monotonic() - started
-    manifest = _manifest(config, run_id, spec, weights.sha256, weights.source, listing.shards, shard_rows)
+    manifest = _manifest(config, run_id, spec, weights, listing.shards, shard_rows)
     manifest["ignored_files"] = listing.ignored_files
     manifest["timings"] = {"seconds": round(seconds, 3), "ray_startup_seconds": round(ray_startup_seconds, 3)}
     manifest["manifest_uri"] = write_manifest(config.output, run_id, manifest)
@@ -148,8 +148,7 @@ def _manifest(
     config: RunConfig,
     run_id: str,
     spec: ModelSpec,
-    weights_sha256: str,
-    weights_source: str,
+    weights: Weights,
     shards: list[Shard],
     shard_rows: dict[str, dict],
 ) -> dict:
@@ -181,10 +180,10 @@ def _manifest(
         "model": {
             "name": spec.name,
             "task": spec.task,
-            "categories": list(spec.categories),
-            "preprocessing": asdict(spec.preprocessing),
+            "categories": list(weights.categories),
+            "preprocessing": asdict(weights.preprocessing),
         },
-        "weights": {"source": weights_source, "sha256": weights_sha256},
+        "weights": {"source": weights.source, "sha256": weights.sha256},
         "versions": {
             "python": platform.python_version(),
             **{name: importlib.metadata.version(name) for name in ("segpipe", "torch", "torchvision", "ray", "pyarrow")},

@@ -1,8 +1,18 @@
 """segpipe's model zoo: a registry of segmentation models and the loading of their weights."""
 
-from models import linknet, pspnet, refinenet, torchvision_instance, torchvision_semantic, unet  # noqa: F401 - they register models
+# Importing a family's module registers its models.
+from models import (  # noqa: F401
+    linknet,
+    maskrcnn_mobilenet,
+    pspnet,
+    refinenet,
+    torchvision_detection,
+    torchvision_instance,
+    torchvision_semantic,
+    unet,
+)
 from models.registry import ModelError, ModelSpec, Preprocessing, Task, get_model_spec, list_models
-from models.weights import Weights, display_uri, load_state_dict_into, resolve_weights
+from models.weights import Weights, display_uri, resolve_weights, sidecar_uri
 
 __all__ = [
     "ModelError",
@@ -13,6 +23,6 @@ __all__ = [
     "display_uri",
     "get_model_spec",
     "list_models",
-    "load_state_dict_into",
     "resolve_weights",
+    "sidecar_uri",
 ]

@@ -7,9 +7,10 @@ initialised parameters; it never downloads anything. Weights are resolved separa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Literal
 
 from torch import nn
@@ -38,6 +39,15 @@ class Preprocessing:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> Preprocessing:
+        """The inverse of ``dataclasses.asdict``, for JSON that turned tuples into lists."""
+        return cls(
+            resize_shorter=fields.get("resize_shorter"),
+            mean=tuple(fields["mean"]) if fields.get("mean") else None,
+            std=tuple(fields["std"]) if fields.get("std") else None,
+        )
+
 
 # Pascal VOC's 21 classes as torchvision names them: the default of the seed architectures too.
 VOC_CATEGORIES: tuple[str, ...] = (
@@ -59,6 +69,8 @@ class ModelSpec:
     categories: tuple[str, ...]
     preprocessing: Preprocessing
     torchvision_weights: type[WeightsEnum] | None = None
+    presets: Mapping[str, Path] = field(default_factory=dict)
+    """Weights files shipped with segpipe, by preset name (each with its ``.json`` sidecar)."""
 
     @property
     def num_classes(self) -> int:
@@ -66,9 +78,9 @@ class ModelSpec:
 
     @property
     def weight_presets(self) -> tuple[str, ...]:
-        """Named ``--weights`` choices: ``random`` plus torchvision's enum members."""
+        """Named ``--weights`` choices: ``random``, segpipe's shipped presets, torchvision's enum members."""
         members = tuple(self.torchvision_weights.__members__) if self.torchvision_weights else ()
-        return ("random", *members)
+        return ("random", *self.presets, *members)
 
     @property
     def default_weights(self) -> str:
@@ -77,9 +89,9 @@ class ModelSpec:
             return "random"
         return self.torchvision_weights.DEFAULT.name
 
-    def build(self) -> nn.Module:
-        """A fresh model in eval mode with this spec's number of classes."""
-        return self.builder(num_classes=self.num_classes).eval()
+    def build(self, *, num_classes: int | None = None) -> nn.Module:
+        """A fresh model in eval mode with ``num_classes`` outputs (default: this spec's categories)."""
+        return self.builder(num_classes=num_classes or self.num_classes).eval()
 
 
 def _build_torchvision(torchvision_builder: Callable[..., nn.Module], *, num_classes: int) -> nn.Module:

@@ -11,6 +11,9 @@ from torchvision.models import detection as tv
 
 from models.registry import DETECTION_PREPROCESSING, register_model, torchvision_spec
 
+# torchvision's 91 COCO ids, with "N/A" at the unused ones: the default of segpipe's own instance models too.
+COCO_CATEGORIES: tuple[str, ...] = tuple(tv.MaskRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
+
 for _builder, _weights in [
     (tv.maskrcnn_resnet50_fpn, tv.MaskRCNN_ResNet50_FPN_Weights),
     (tv.maskrcnn_resnet50_fpn_v2, tv.MaskRCNN_ResNet50_FPN_V2_Weights),

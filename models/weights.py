@@ -11,14 +11,18 @@ Spec grammar:
   pinned as ``URI#sha256=HEX``. Torch files load with ``weights_only=True``: no code they
   carry ever runs.
 
+- a preset that segpipe ships (``shapes`` for ``unet``): a file under ``models/presets``.
+
 A state_dict loads whether or not it carries ``aux_classifier.*`` keys (aux heads only serve
-training) and whether or not it was saved from a ``DistributedDataParallel`` wrapper.
+training) and whether or not it was saved from a ``DistributedDataParallel`` wrapper. A
+``.json`` sidecar beside a weights file may name its model, categories and preprocessing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import urllib.error
@@ -30,7 +34,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from models.registry import ModelError, ModelSpec
+from models.registry import ModelError, ModelSpec, Preprocessing
 
 RANDOM_SEED = 0
 _SHA256_PIN = "#sha256="
@@ -38,11 +42,24 @@ _SHA256_PIN = "#sha256="
 
 @dataclass(frozen=True)
 class Weights:
-    """A state_dict that fits its model, with the checksum the run manifest records."""
+    """A state_dict that fits its model, what its outputs mean, and the checksum the manifest records.
+
+    ``categories`` and ``preprocessing`` are the model spec's, unless the weights file has a
+    ``.json`` sidecar (``model.safetensors`` -> ``model.json``, as ``segpipe train`` writes)
+    that says otherwise: fine-tuned weights bring their own category list.
+    """
 
     state_dict: dict[str, torch.Tensor]
     sha256: str
     source: str
+    categories: tuple[str, ...]
+    preprocessing: Preprocessing
+
+    def build(self, model: ModelSpec) -> nn.Module:
+        """``model`` with these weights loaded, in eval mode on the CPU."""
+        module = model.build(num_classes=len(self.categories))
+        load_state_dict_into(module, self.state_dict, model_name=model.name)
+        return module
 
 
 def resolve_weights(spec: str, model: ModelSpec) -> Weights:
@@ -51,8 +68,10 @@ def resolve_weights(spec: str, model: ModelSpec) -> Weights:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             state_dict = model.build().state_dict()
-        data = safetensors.torch.save(state_dict)
-        return Weights(state_dict, hashlib.sha256(data).hexdigest(), f"random (seed {RANDOM_SEED})")
+        sha256 = hashlib.sha256(safetensors.torch.save(state_dict)).hexdigest()
+        return Weights(state_dict, sha256, f"random (seed {RANDOM_SEED})", model.categories, model.preprocessing)
+    if spec in model.presets:
+        return _from_file(str(model.presets[spec]), model, source=f"segpipe preset {spec}")
     preset = _torchvision_preset(spec, model)
     if preset is not None:
         path = _torchvision_file(preset, model)
@@ -127,10 +146,32 @@ def _from_file(spec: str, model: ModelSpec, *, source: str) -> Weights:
     sha256 = hashlib.sha256(data).hexdigest()
     if pinned and pinned.lower() != sha256:
         raise ModelError(f"weights {source} have sha256 {sha256}, not the pinned {pinned.lower()}; refusing them")
-    state_dict = _parse_state_dict(data, source)
-    state_dict = _normalise_keys(state_dict)
-    load_state_dict_into(model.build(), state_dict, model_name=model.name)
-    return Weights(state_dict, sha256, source)
+    state_dict = _normalise_keys(_parse_state_dict(data, source))
+    categories, preprocessing = _sidecar(uri, model, source)
+    weights = Weights(state_dict, sha256, source, categories, preprocessing)
+    weights.build(model)  # fails here, on the driver, if the weights do not fit
+    return weights
+
+
+def sidecar_uri(weights_uri: str) -> str:
+    """Where the description of a weights file lives: ``model.safetensors`` -> ``model.json``."""
+    stem, dot, extension = weights_uri.rpartition(".")
+    return f"{stem}.json" if dot and "/" not in extension else f"{weights_uri}.json"
+
+
+def _sidecar(uri: str, model: ModelSpec, source: str) -> tuple[tuple[str, ...], Preprocessing]:
+    try:
+        with fsspec.open(sidecar_uri(uri), "r") as file:
+            card = json.load(file)
+    except FileNotFoundError:
+        return model.categories, model.preprocessing
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot read the description {display_uri(sidecar_uri(uri))} of weights {source}: {error}") from None
+    if card.get("model", model.name) != model.name:
+        raise ModelError(f"weights {source} were trained for {card['model']}, not {model.name}")
+    categories = tuple(card.get("categories", model.categories))
+    preprocessing = card.get("preprocessing")
+    return categories, Preprocessing.from_dict(preprocessing) if preprocessing else model.preprocessing
 
 
 def _parse_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:

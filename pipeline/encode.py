@@ -16,11 +16,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class EncodedMask:
-    """One binary mask of an ``height`` x ``width`` image: its area, bounding box and RLE."""
+    """One binary mask of an ``height`` x ``width`` image: its area, bounding box and RLE
+    (``None`` for a detection model's box, which has no mask)."""
 
     area: int
     bbox: tuple[float, float, float, float]
-    rle: str
+    rle: str | None
 
 
 def rle_string(counts: np.ndarray) -> str:
@@ -96,37 +97,53 @@ def semantic_rows(class_map: np.ndarray, categories: tuple[str, ...]) -> tuple[l
     return masks, stats
 
 
+@dataclass(frozen=True)
+class Detections:
+    """One image's kept detections: boxes ``(K, 4)`` x1, y1, x2, y2, labels ``(K,)``, scores
+    ``(K,)`` and, for instance models, boolean masks ``(K, H, W)`` (``None`` for detection models)."""
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+    masks: np.ndarray | None
+
+
 def instance_rows(
-    boxes: np.ndarray,
-    labels: np.ndarray,
-    scores: np.ndarray,
-    masks: np.ndarray,
-    categories: tuple[str, ...],
+    detections: Detections, categories: tuple[str, ...], *, height: int, width: int
 ) -> tuple[list[dict], list[dict]]:
     """``masks`` and ``class_stats`` rows of one image from its kept detections.
 
-    ``masks`` is boolean ``(K, H, W)``; ``class_stats`` counts the pixels covered by the union
-    of a class's instances.
+    Instance models give ``instance`` rows with RLE masks; detection models ``box`` rows whose
+    ``mask_rle`` is null and whose ``area`` is the box's. ``class_stats.pixel_count`` counts the
+    pixels covered by the union of a class's masks (or boxes).
     """
-    height, width = masks.shape[1:]
+    covered = detections.masks if detections.masks is not None else _box_masks(detections.boxes, height, width)
     mask_rows = []
-    for index in range(len(labels)):
-        encoded = encode_mask(masks[index]) or _empty_mask(height * width)
-        class_id = int(labels[index])
-        box = tuple(float(v) for v in boxes[index])
-        mask_rows.append(
-            _mask_row(index, "instance", class_id, categories[class_id], float(scores[index]), box, encoded, height, width)
-        )
+    for index, class_id in enumerate(detections.labels.tolist()):
+        box = tuple(float(v) for v in detections.boxes[index])
+        if detections.masks is None:
+            x1, y1, x2, y2 = box
+            encoded = EncodedMask(area=round((x2 - x1) * (y2 - y1)), bbox=box, rle=None)
+        else:
+            encoded = encode_mask(detections.masks[index]) or _empty_mask(height * width)
+        kind = "box" if detections.masks is None else "instance"
+        score = float(detections.scores[index])
+        mask_rows.append(_mask_row(index, kind, class_id, categories[class_id], score, box, encoded, height, width))
     stats = []
-    for class_id in sorted(set(labels.tolist())):
-        of_class = labels == class_id
-        covered = int(np.logical_or.reduce(masks[of_class], axis=0).sum())
-        stats.append(
-            _stats_row(
-                class_id, categories[class_id], covered, height * width, int(of_class.sum()), float(scores[of_class].mean())
-            )
-        )
+    for class_id in sorted(set(detections.labels.tolist())):
+        of_class = detections.labels == class_id
+        pixels = int(np.logical_or.reduce(covered[of_class], axis=0).sum())
+        instances, mean_score = int(of_class.sum()), float(detections.scores[of_class].mean())
+        stats.append(_stats_row(class_id, categories[class_id], pixels, height * width, instances, mean_score))
     return mask_rows, stats
+
+
+def _box_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Boxes rasterised to boolean ``(K, H, W)`` masks: the pixels whose centres they contain."""
+    rows = np.arange(height)[None, :, None] + 0.5
+    columns = np.arange(width)[None, None, :] + 0.5
+    x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))
+    return (columns >= x1) & (columns < x2) & (rows >= y1) & (rows < y2)
 
 
 def _empty_mask(pixels: int) -> EncodedMask:

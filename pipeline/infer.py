@@ -9,8 +9,11 @@ Ray object store. ``__call__`` is a pure batch -> batch function under
 Preprocessing, as ARCHITECTURE.md fixes it:
 - semantic: uint8 RGB, shorter side resized to 520 (bilinear, antialiased), scaled to [0, 1],
   ImageNet-normalised; logits resized bilinearly to the original size, then argmax;
-- instance: float RGB in [0, 1] at original size, torchvision resizes internally; detections
-  scoring below ``score_threshold`` are dropped and mask probabilities thresholded at 0.5.
+- instance and detection: float RGB in [0, 1] at original size, torchvision resizes
+  internally; detections scoring below ``score_threshold`` are dropped and mask
+  probabilities thresholded at 0.5.
+
+``predict_class_maps`` and ``predict_detections`` are what ``segpipe eval`` measures too.
 
 An image the model fails on becomes an ``inference_error`` row: a failed batch is retried
 image by image, so one bad image never costs its neighbours.
@@ -27,11 +30,12 @@ import ray
 import torch
 import torch.nn.functional as nn_functional
 import torchvision.transforms.functional as tv_functional
+from torch import nn
 
-from models import get_model_spec, load_state_dict_into
+from models import Preprocessing, Weights, get_model_spec
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image
-from pipeline.encode import instance_rows, semantic_rows
+from pipeline.encode import Detections, instance_rows, semantic_rows
 from pipeline.schema import (
     CLASS_STATS_SCHEMA,
     ENCODED_IMAGE_SCHEMA,
@@ -58,9 +62,11 @@ class SegmentShards:
         if self.device.type == "cpu":
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, round(cpus)))
-        model = self.spec.build()
-        load_state_dict_into(model, ray.get(weights), model_name=self.spec.name)
-        if self.spec.task == "instance":
+        loaded: Weights = ray.get(weights)
+        self.categories = loaded.categories
+        self.preprocessing = loaded.preprocessing
+        model = loaded.build(self.spec)
+        if self.spec.task != "semantic":
             # torchvision drops boxes under its own 0.05 before ours; a lower --score-threshold must win.
             model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
         self.model = model.to(self.device).eval()
@@ -145,42 +151,54 @@ class SegmentShards:
     def _predict_batch(self, images: list[np.ndarray]) -> list[tuple[list[dict], list[dict]]]:
         batch = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images]).to(self.device)
         if self.spec.task == "semantic":
-            return [semantic_rows(class_map, self.spec.categories) for class_map in self._class_maps(batch)]
-        outputs = self.model(list(tv_functional.convert_image_dtype(batch, torch.float32)))
-        rows = []
-        for output in outputs:
-            keep = output["scores"] >= self.config.score_threshold
-            masks = output["masks"][keep, 0] > _MASK_PROBABILITY_THRESHOLD
-            rows.append(
-                instance_rows(
-                    output["boxes"][keep].cpu().numpy(),
-                    output["labels"][keep].cpu().numpy(),
-                    output["scores"][keep].cpu().numpy(),
-                    masks.cpu().numpy(),
-                    self.spec.categories,
-                )
-            )
-        return rows
-
-    def _class_maps(self, batch: torch.Tensor) -> list[np.ndarray]:
-        """Argmax class maps at original size of a uint8 ``(N, 3, H, W)`` batch."""
-        preprocessing = self.spec.preprocessing
+            class_maps = predict_class_maps(self.model, batch, self.preprocessing)
+            return [semantic_rows(class_map, self.categories) for class_map in class_maps]
         height, width = batch.shape[-2:]
-        resized = tv_functional.resize(
+        return [
+            instance_rows(detections, self.categories, height=height, width=width)
+            for detections in predict_detections(self.model, batch, self.config.score_threshold)
+        ]
+
+
+def model_input(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """Semantic models' input: uint8 ``(N, 3, H, W)`` resized and normalised as ``preprocessing`` says."""
+    if preprocessing.resize_shorter is not None:
+        batch = tv_functional.resize(
             batch, [preprocessing.resize_shorter], interpolation=tv_functional.InterpolationMode.BILINEAR, antialias=True
         )
-        normalised = tv_functional.normalize(
-            tv_functional.convert_image_dtype(resized, torch.float32), preprocessing.mean, preprocessing.std
+    return tv_functional.normalize(tv_functional.convert_image_dtype(batch, torch.float32), preprocessing.mean, preprocessing.std)
+
+
+def predict_class_maps(model: nn.Module, batch: torch.Tensor, preprocessing: Preprocessing) -> list[np.ndarray]:
+    """Argmax class maps at original size of a uint8 ``(N, 3, H, W)`` batch."""
+    height, width = batch.shape[-2:]
+    logits = model(model_input(batch, preprocessing))["out"]
+    return [
+        nn_functional.interpolate(image_logits[None], size=(height, width), mode="bilinear", align_corners=False)
+        .argmax(1)[0]
+        .to(torch.uint8 if logits.shape[1] <= 256 else torch.int32)
+        .cpu()
+        .numpy()
+        for image_logits in logits
+    ]
+
+
+def predict_detections(model: nn.Module, batch: torch.Tensor, score_threshold: float) -> list[Detections]:
+    """Detections scoring at least ``score_threshold`` in a uint8 ``(N, 3, H, W)`` batch, in original
+    pixels; masks (instance models only) are the probabilities above 0.5."""
+    detections = []
+    for output in model(list(tv_functional.convert_image_dtype(batch, torch.float32))):
+        keep = output["scores"] >= score_threshold
+        masks = output.get("masks")
+        detections.append(
+            Detections(
+                boxes=output["boxes"][keep].cpu().numpy(),
+                labels=output["labels"][keep].cpu().numpy(),
+                scores=output["scores"][keep].cpu().numpy(),
+                masks=None if masks is None else (masks[keep, 0] > _MASK_PROBABILITY_THRESHOLD).cpu().numpy(),
+            )
         )
-        logits = self.model(normalised)["out"]
-        return [
-            nn_functional.interpolate(image_logits[None], size=(height, width), mode="bilinear", align_corners=False)
-            .argmax(1)[0]
-            .to(torch.uint8 if self.spec.num_classes <= 256 else torch.int32)
-            .cpu()
-            .numpy()
-            for image_logits in logits
-        ]
+    return detections
 
 
 def _decode_or_error(data: bytes, max_pixels: int) -> np.ndarray | DecodeError:

@@ -6,7 +6,7 @@ import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
 
-from pipeline.encode import encode_class_map, encode_mask, instance_rows, semantic_rows
+from pipeline.encode import Detections, encode_class_map, encode_mask, instance_rows, semantic_rows
 
 CATEGORIES = tuple(f"c{i}" for i in range(6))
 
@@ -69,7 +69,7 @@ def test_instance_rows_count_union_pixels_and_scores() -> None:
     boxes = np.array([[0, 0, 5, 5], [3, 3, 8, 8], [9, 9, 10, 10]], dtype=np.float32)
     labels = np.array([1, 1, 4])
     scores = np.array([0.9, 0.7, 0.6], dtype=np.float32)
-    rows, stats = instance_rows(boxes, labels, scores, masks, CATEGORIES)
+    rows, stats = instance_rows(Detections(boxes, labels, scores, masks), CATEGORIES, height=10, width=10)
     assert [(row["kind"], row["label"], row["area"]) for row in rows] == [
         ("instance", "c1", 25), ("instance", "c1", 25), ("instance", "c4", 1),
     ]  # fmt: skip
@@ -78,3 +78,14 @@ def test_instance_rows_count_union_pixels_and_scores() -> None:
     assert by_class[1]["pixel_count"] == 46 and by_class[1]["instance_count"] == 2
     assert by_class[1]["mean_score"] == pytest.approx(0.8)
     assert by_class[4]["pixel_fraction"] == pytest.approx(0.01)
+
+
+def test_detection_rows_are_boxes_without_masks() -> None:
+    boxes = np.array([[0, 0, 4, 5], [2, 2, 6, 6], [1.5, 0.5, 3.5, 2.5]], dtype=np.float32)
+    detections = Detections(boxes, np.array([2, 2, 3]), np.array([0.9, 0.8, 0.7], dtype=np.float32), None)
+    rows, stats = instance_rows(detections, CATEGORIES, height=10, width=10)
+    assert [(row["kind"], row["mask_rle"], row["area"]) for row in rows] == [("box", None, 20), ("box", None, 16), ("box", None, 4)]
+    assert rows[2]["bbox_x1"] == 1.5 and rows[2]["bbox_y2"] == 2.5
+    by_class = {row["class_id"]: row for row in stats}
+    assert by_class[2]["pixel_count"] == 20 + 16 - 6  # the union of two overlapping boxes
+    assert by_class[3]["pixel_count"] == 4 and by_class[3]["instance_count"] == 1
