@@ -18,6 +18,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 run: setup
 	$(BIN)/python -m jobs.sample sample
 	$(BIN)/segpipe run --spec jobs/demo.yaml
+	$(BIN)/segpipe run --spec jobs/demo-instances.yaml
 
 test: setup
 	$(BIN)/python -m pytest

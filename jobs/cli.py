@@ -1,4 +1,4 @@
-"""The ``segpipe`` command line: ``segpipe run`` and ``segpipe models``.
+"""The ``segpipe`` command line: ``run``, ``models``, ``synth``, ``train`` and ``eval``.
 
 ``segpipe run`` takes its flags from :class:`pipeline.config.RunConfig` (``files_per_shard``
 is ``--files-per-shard``), so the CLI, YAML job specs (``--spec FILE``; flags given on the
@@ -18,11 +18,17 @@ from collections.abc import Sequence
 import pydantic
 import yaml
 
+from jobs import evaluate as evaluate_job
+from jobs import synth as synth_job
+from jobs import train as train_job
 from jobs.run import run
 from jobs.summary import format_summary
 from models import ModelError, list_models
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
+
+
+Config = typing.TypeVar("Config", bound=pydantic.BaseModel)
 
 
 class SpecError(ValueError):
@@ -39,8 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def load_config(spec_path: str | None, flags: dict[str, object]) -> RunConfig:
-    """The run's configuration: the YAML spec's keys, overridden by the flags given."""
+def load_config(spec_path: str | None, flags: dict[str, object], config_type: type[Config] = RunConfig) -> Config:
+    """A job's configuration: the YAML spec's keys, overridden by the flags given."""
     values: dict[str, object] = {}
     if spec_path is not None:
         try:
@@ -52,25 +58,50 @@ def load_config(spec_path: str | None, flags: dict[str, object]) -> RunConfig:
             raise SpecError(f"job spec {spec_path} must be a mapping of settings, not {type(values).__name__}")
     values.update(flags)
     try:
-        return RunConfig.model_validate(values)
+        return config_type.model_validate(values)
     except pydantic.ValidationError as error:
-        raise SpecError("; ".join(_describe(problem) for problem in error.errors())) from None
+        raise SpecError("; ".join(_describe(problem, config_type) for problem in error.errors())) from None
 
 
-def _describe(problem: dict) -> str:
+def _describe(problem: dict, config_type: type[pydantic.BaseModel]) -> str:
     name = str(problem["loc"][0]) if problem["loc"] else "spec"
     flag = "--" + name.replace("_", "-")
     if problem["type"] == "missing":
         return f"{flag} is required"
     if problem["type"] == "extra_forbidden":
-        return f"unknown setting {name!r} (valid: {', '.join(RunConfig.model_fields)})"
+        return f"unknown setting {name!r} (valid: {', '.join(config_type.model_fields)})"
     return f"{flag}: {problem['msg']}"
 
 
 def _run(args: argparse.Namespace) -> int:
-    flags = {name: value for name, value in vars(args).items() if name in RunConfig.model_fields}
-    manifest = run(load_config(args.spec, flags))
+    manifest = run(load_config(args.spec, _config_flags(args, RunConfig)))
     print(format_summary(manifest))
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    coco = synth_job.synthesize(args.out, count=args.count, seed=args.seed, size=args.size)
+    print(f"segpipe synth: {len(coco['images'])} images, {len(coco['annotations'])} instances under {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    card = train_job.train(load_config(None, _config_flags(args, train_job.TrainConfig), train_job.TrainConfig))
+    losses = card["metrics"]["loss_per_epoch"]
+    print(f"segpipe train: {card['model']} trained {len(losses)} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    print(f"  weights  {args.output.rstrip('/')}/model.safetensors (with model.json)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    metrics = evaluate_job.evaluate(
+        args.model, args.weights, args.data, batch_size=args.batch_size, score_threshold=args.score_threshold
+    )
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for name, value in metrics.items():
+            print(f"{name:16} {value:.4f}" if isinstance(value, float) else f"{name:16} {value}")
     return 0
 
 
@@ -91,7 +122,7 @@ def _models(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
     rows = [("NAME", "TASK", "CLASSES", "DEFAULT WEIGHTS")]
-    rows += [(spec.name, spec.task, str(spec.num_classes), spec.default_weights) for spec in specs]
+    rows += [(spec.name, spec.task, str(spec.num_classes), spec.default_weights or "-") for spec in specs]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -112,22 +143,62 @@ def _parser() -> argparse.ArgumentParser:
         "AWS variables (AWS_ENDPOINT_URL for S3-compatible servers), config files or instance roles.",
     )
     run_parser.add_argument("--spec", metavar="FILE", help="YAML job spec with the same keys as these flags")
-    for name, field in RunConfig.model_fields.items():
-        options: dict = {"dest": name, "default": argparse.SUPPRESS, "metavar": name.upper()}
-        help_text = field.description or ""
-        if not field.is_required() and field.default_factory is None and field.default is not None:
-            help_text += f" (default: {field.default})"
-        choices = _literal_choices(field.annotation)
-        if choices:
-            options["choices"] = choices
-            del options["metavar"]
-        run_parser.add_argument("--" + name.replace("_", "-"), help=help_text, **options)
+    _add_flags(run_parser, RunConfig)
     run_parser.set_defaults(handler=_run)
+
+    synth_parser = commands.add_parser(
+        "synth", help="write a deterministic labelled dataset of shapes", description=synth_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    synth_parser.add_argument("--out", required=True, metavar="URI", help="where images/, labels/ and instances.json go")
+    synth_parser.add_argument("--count", required=True, type=int, help="number of images")
+    synth_parser.add_argument("--seed", required=True, type=int, help="the same seed gives the same bytes")
+    synth_parser.add_argument("--size", type=int, default=192, metavar="PX", help="image side in pixels (default: 192)")
+    synth_parser.set_defaults(handler=_synth)
+
+    train_parser = commands.add_parser(
+        "train", help="train a model on a labelled dataset with Ray Train", description=train_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_flags(train_parser, train_job.TrainConfig)
+    train_parser.set_defaults(handler=_train)
+
+    eval_parser = commands.add_parser(
+        "eval", help="measure a model on a labelled dataset", description=evaluate_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    eval_parser.add_argument("--model", required=True, help="registered model name")
+    eval_parser.add_argument("--weights", required=True, metavar="SPEC", help="as `segpipe run --weights` takes them")
+    eval_parser.add_argument("--data", required=True, metavar="URI", help="a labelled dataset (see `segpipe synth`)")
+    eval_parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    eval_parser.add_argument(
+        "--score-threshold", type=float, default=0.05,
+        help="instance/detection: lowest score kept for the precision-recall curve (default: 0.05)",
+    )  # fmt: skip
+    eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    eval_parser.set_defaults(handler=_eval)
 
     models_parser = commands.add_parser("models", help="list the registered models")
     models_parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     models_parser.set_defaults(handler=_models)
     return parser
+
+
+def _add_flags(parser: argparse.ArgumentParser, config_type: type[pydantic.BaseModel]) -> None:
+    """One ``--flag-name`` per field of ``config_type``, explained by the field's description."""
+    for name, field in config_type.model_fields.items():
+        options: dict = {"dest": name, "default": argparse.SUPPRESS}
+        help_text = field.description or ""
+        if not field.is_required() and field.default_factory is None and field.default is not None:
+            help_text += f" (default: {field.default})"
+        if field.annotation is bool:
+            options["action"] = "store_true"
+        elif choices := _literal_choices(field.annotation):
+            options["choices"] = choices
+        else:
+            options["metavar"] = name.upper()
+        parser.add_argument("--" + name.replace("_", "-"), help=help_text, **options)
+
+
+def _config_flags(args: argparse.Namespace, config_type: type[pydantic.BaseModel]) -> dict[str, object]:
+    return {name: value for name, value in vars(args).items() if name in config_type.model_fields}
 
 
 def _literal_choices(annotation: object) -> list[str] | None:

@@ -17,7 +17,6 @@ import time
 from collections import Counter
 from dataclasses import asdict
 
-import fsspec
 import ray
 import ray.data
 
@@ -29,6 +28,7 @@ from pipeline.infer import SegmentShards
 from pipeline.listing import Shard, list_shards
 from pipeline.read import read_shards
 from pipeline.schema import TABLE_SCHEMAS
+from pipeline.storage import absolute_uri
 from pipeline.write import partition_path, shard_file, write_shards
 
 # Read and write tasks mostly wait on storage: half a CPU each lets more of them overlap, and
@@ -62,12 +62,6 @@ def run(config: RunConfig) -> dict:
     manifest["timings"] = {"seconds": round(seconds, 3), "ray_startup_seconds": round(ray_startup_seconds, 3)}
     manifest["manifest_uri"] = write_manifest(config.output, run_id, manifest)
     return manifest
-
-
-def absolute_uri(uri: str) -> str:
-    """``uri`` with its protocol, local paths made absolute: what every Ray worker can open."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.unstrip_protocol(path).rstrip("/")
 
 
 def _refuse_output_inside_input(config: RunConfig) -> None:

@@ -2,8 +2,10 @@
 
 Real photos bundled with scikit-image, as loose JPEGs, a WebDataset-style ``.tar`` shard and a
 Parquet file with an image-bytes column; awkward but valid images (grayscale, palette GIF,
-RGBA, CMYK, 16-bit, EXIF-rotated, WebP, BMP, TIFF); and one truncated JPEG, which becomes an
-error row. The tests reuse these makers. Everything is deterministic: same bytes every time.
+RGBA, CMYK, 16-bit, EXIF-rotated, WebP, BMP, TIFF); one truncated JPEG, which becomes an error
+row; and synthetic shape images (``segpipe synth``'s renderer, a seed no training set used) on
+which the shipped ``shapes`` presets show correct masks. The tests reuse these makers.
+Everything is deterministic: same bytes every time.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from jobs.synth import render
+
 _EXIF_ORIENTATION = 0x0112
+SHAPES_SEED = 1000  # no training or evaluation set uses it
+SHAPE_IMAGES = 8
 
 
 def photos() -> dict[str, np.ndarray]:
@@ -77,6 +83,11 @@ def build_sample(directory: Path) -> None:
             tar.addfile(member, io.BytesIO(data))
     table = pa.table({"key": list(jpegs), "image": pa.array(list(jpegs.values()), type=pa.binary())})
     pq.write_table(table, shards / "photos-000001.parquet")
+    shapes = directory / "shapes"
+    shapes.mkdir(exist_ok=True)
+    for index in range(SHAPE_IMAGES):
+        pixels, _, _ = render(np.random.default_rng([SHAPES_SEED, index]), 192)
+        (shapes / f"shapes-{index:02d}.png").write_bytes(encode(pixels, "PNG"))
 
 
 if __name__ == "__main__":

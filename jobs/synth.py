@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from pipeline.encode import encode_mask
-from pipeline.write import write_object
+from pipeline.storage import write_object
 
 CATEGORIES = ("background", "circle", "square", "triangle")
 IGNORE = 255

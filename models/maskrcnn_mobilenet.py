@@ -6,7 +6,7 @@ MobileNetV3-Small backbone (Howard et al., 2019), a feature pyramid of 64 channe
 stride-8, 16 and 32 stages plus a max-pooled level, anchors from 16 to 192 pixels (two sizes
 and three aspect ratios per level), a 256-wide box head
 and a four-layer, 64-channel mask head. Images are resized internally to a shorter side of
-256 (at most 512 on the longer).
+192 (at most 384 on the longer): the resolution it is trained at.
 
 Contract: as torchvision's Mask R-CNN (:mod:`models.torchvision_instance`): a list of float32
 ``(3, H, W)`` RGB tensors in [0, 1] in; per image ``boxes``, ``labels``, ``scores`` and
@@ -23,7 +23,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from models.registry import DETECTION_PREPROCESSING, ModelSpec, register_model
+from models.registry import DETECTION_PREPROCESSING, PRESETS, ModelSpec, register_model
 from models.torchvision_instance import COCO_CATEGORIES
 
 FPN_CHANNELS = 64
@@ -48,8 +48,8 @@ def maskrcnn_mobilenet_v3_small_fpn(*, num_classes: int) -> MaskRCNN:
     anchors = AnchorGenerator(sizes=((16, 24), (32, 48), (64, 96), (128, 192)), aspect_ratios=((0.5, 1.0, 2.0),) * 4)
     return MaskRCNN(
         _backbone(),
-        min_size=256,
-        max_size=512,
+        min_size=192,
+        max_size=384,
         rpn_anchor_generator=anchors,
         box_head=TwoMLPHead(FPN_CHANNELS * 7 * 7, BOX_HEAD_WIDTH),
         box_predictor=FastRCNNPredictor(BOX_HEAD_WIDTH, num_classes),
@@ -65,5 +65,6 @@ register_model(
         builder=maskrcnn_mobilenet_v3_small_fpn,
         categories=COCO_CATEGORIES,
         preprocessing=DETECTION_PREPROCESSING,
+        presets={"shapes": PRESETS / "maskrcnn_mobilenet_v3_small_fpn-shapes.safetensors"},
     )
 )

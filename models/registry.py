@@ -18,6 +18,9 @@ from torchvision.models import WeightsEnum
 
 Task = Literal["semantic", "instance", "detection"]
 
+PRESETS = Path(__file__).resolve().parent / "presets"
+"""Weights that segpipe trained and ships (``segpipe train``; see the README for how)."""
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -83,11 +86,12 @@ class ModelSpec:
         return ("random", *self.presets, *members)
 
     @property
-    def default_weights(self) -> str:
-        """The preset ``--weights DEFAULT`` resolves to (``random`` when there is none)."""
-        if self.torchvision_weights is None:
-            return "random"
-        return self.torchvision_weights.DEFAULT.name
+    def default_weights(self) -> str | None:
+        """The preset ``--weights DEFAULT`` resolves to: torchvision's default, else segpipe's
+        first shipped preset; ``None`` for an architecture with no trained weights."""
+        if self.torchvision_weights is not None:
+            return self.torchvision_weights.DEFAULT.name
+        return next(iter(self.presets), None)
 
     def build(self, *, num_classes: int | None = None) -> nn.Module:
         """A fresh model in eval mode with ``num_classes`` outputs (default: this spec's categories)."""

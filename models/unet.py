@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.blocks import conv_bn_relu, pad_to_multiple
-from models.registry import SEMANTIC_PREPROCESSING, VOC_CATEGORIES, ModelSpec, register_model
+from models.registry import PRESETS, SEMANTIC_PREPROCESSING, VOC_CATEGORIES, ModelSpec, register_model
 
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -61,5 +61,6 @@ register_model(
         builder=unet,
         categories=VOC_CATEGORIES,
         preprocessing=SEMANTIC_PREPROCESSING,
+        presets={"shapes": PRESETS / "unet-shapes.safetensors"},
     )
 )

@@ -70,6 +70,13 @@ def resolve_weights(spec: str, model: ModelSpec) -> Weights:
             state_dict = model.build().state_dict()
         sha256 = hashlib.sha256(safetensors.torch.save(state_dict)).hexdigest()
         return Weights(state_dict, sha256, f"random (seed {RANDOM_SEED})", model.categories, model.preprocessing)
+    if spec == "DEFAULT" and model.torchvision_weights is None:
+        if model.default_weights is None:
+            raise ModelError(
+                f"{model.name} has no trained weights of its own; pass --weights random, "
+                "or a path/URI to a .safetensors or .pt state_dict (see `segpipe train`)"
+            )
+        spec = model.default_weights
     if spec in model.presets:
         return _from_file(str(model.presets[spec]), model, source=f"segpipe preset {spec}")
     preset = _torchvision_preset(spec, model)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.write import write_object
+from pipeline.storage import write_object
 
 
 def manifest_uri(output: str, run_id: str) -> str:

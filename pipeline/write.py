@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections import Counter
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.schema import TABLE_SCHEMAS, unnest
+from pipeline.storage import write_object
 
 # images last: its file marks the shard as written.
 WRITE_ORDER = ("masks", "class_stats", "images")
@@ -60,21 +58,6 @@ def write_shards(batch: pa.Table, *, output: str, run_date: dt.date, model: str)
             }
         )
     return pa.Table.from_pylist(summaries)
-
-
-def write_object(uri: str, data: bytes) -> int:
-    """Write ``data`` to ``uri`` as one complete object; returns the bytes written."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    if isinstance(fs, LocalFileSystem):
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as file:
-            file.write(data)
-        os.replace(temporary, path)
-    else:
-        fs.pipe_file(path, data)
-    return len(data)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -34,6 +34,21 @@ def test_models_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert any(line.split()[:3] == ["maskrcnn_resnet50_fpn", "instance", "91"] for line in lines)
 
 
+@pytest.mark.parametrize("command", ["synth", "train", "eval"])
+def test_job_commands_have_help(capsys: pytest.CaptureFixture[str], command: str) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0 and "--" in capsys.readouterr().out
+
+
+def test_architectures_without_trained_weights_need_an_explicit_choice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "in").mkdir()
+    assert main(["run", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", "pspnet"]) == 2
+    assert "pspnet has no trained weights of its own; pass --weights random" in capsys.readouterr().err
+
+
 def test_run_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["run", "--help"])
