@@ -21,7 +21,7 @@ import yaml
 from jobs import evaluate as evaluate_job
 from jobs import synth as synth_job
 from jobs import train as train_job
-from jobs.run import run
+from jobs.run import error_rate_exceeded, run
 from jobs.summary import format_summary
 from models import ModelError, list_models
 from pipeline.config import RunConfig
@@ -76,6 +76,10 @@ def _describe(problem: dict, config_type: type[pydantic.BaseModel]) -> str:
 def _run(args: argparse.Namespace) -> int:
     manifest = run(load_config(args.spec, _config_flags(args, RunConfig)))
     print(format_summary(manifest))
+    too_many_errors = error_rate_exceeded(manifest)
+    if too_many_errors:
+        print(f"segpipe: error: {too_many_errors}", file=sys.stderr)
+        return 1
     return 0
 
 

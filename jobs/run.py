@@ -15,13 +15,14 @@ import os
 import platform
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 import ray
 import ray.data
 
 from models import ModelSpec, Weights, display_uri, get_model_spec, resolve_weights
-from pipeline.commit import write_manifest
+from pipeline.commit import read_manifest, write_manifest
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.infer import SegmentShards
@@ -29,11 +30,12 @@ from pipeline.listing import Shard, list_shards
 from pipeline.read import read_shards
 from pipeline.schema import TABLE_SCHEMAS
 from pipeline.storage import absolute_uri
-from pipeline.write import partition_path, shard_file, write_shards
+from pipeline.write import partition_path, shard_file, write_shards, written_shard_summary
 
 # Read and write tasks mostly wait on storage: half a CPU each lets more of them overlap, and
 # keeps them from being fused into the model actors, which must not wait on I/O.
 _IO_TASK_CPUS = 0.5
+_CHECK_THREADS = 16
 _RUN_ID_FIELDS = ("input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels")
 
 
@@ -47,21 +49,52 @@ def run(config: RunConfig) -> dict:
     if not listing.shards:
         raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
     run_id = _run_id(config, weights.sha256)
-    ray_startup_seconds = _ensure_ray()
+    committed = read_manifest(config.output, run_id)
+    if committed is not None and not config.force:
+        print(f"segpipe: run {run_id} is already committed; nothing to do (--force redoes it)", flush=True)
+        return committed
+    written = {} if config.force else _written_shards(config, run_id, listing.shards)
+    todo = [shard for shard in listing.shards if shard.shard_id not in written]
+    ray_startup_seconds = _ensure_ray() if todo else 0.0
     started = time.monotonic()
-    device, actors, actor_resources = _plan_actors(config)
-    print(
-        f"segpipe: run {run_id}: {len(listing.shards)} shards from {display_uri(config.input)}, "
-        f"{spec.name} ({weights.source}) on {actors} {device} actor(s)",
-        flush=True,
-    )
-    shard_rows = _execute(config, run_id, listing.shards, device, actors, actor_resources, ray.put(weights))
+    shard_rows = dict(written)
+    if todo:
+        device, actors, actor_resources = _plan_actors(config)
+        resumed = f" ({len(written)} already written by an interrupted attempt)" if written else ""
+        print(
+            f"segpipe: run {run_id}: {len(todo)} shards to do{resumed} from {display_uri(config.input)}, "
+            f"{spec.name} ({weights.source}) on {actors} {device} actor(s)",
+            flush=True,
+        )
+        shard_rows.update(_execute(config, run_id, todo, device, actors, actor_resources, ray.put(weights)))
     seconds = time.monotonic() - started
     manifest = _manifest(config, run_id, spec, weights, listing.shards, shard_rows)
     manifest["ignored_files"] = listing.ignored_files
+    manifest["resumed_shards"] = len(written)
     manifest["timings"] = {"seconds": round(seconds, 3), "ray_startup_seconds": round(ray_startup_seconds, 3)}
-    manifest["manifest_uri"] = write_manifest(config.output, run_id, manifest)
-    return manifest
+    return write_manifest(config.output, run_id, manifest)
+
+
+def error_rate_exceeded(manifest: dict) -> str | None:
+    """Why the run must exit non-zero although it committed, or ``None``: too many images failed."""
+    counts, limit = manifest["counts"], manifest["config"]["max_error_rate"]
+    if counts["images"] == 0 or counts["error"] / counts["images"] <= limit:
+        return None
+    top = ", ".join(f"{kind} {n}" for kind, n in list(counts["errors_by_type"].items())[:3])
+    return (
+        f"{counts['error']} of {counts['images']} images failed ({counts['error'] / counts['images']:.0%}), "
+        f"above --max-error-rate {limit}; most often: {top}"
+    )
+
+
+def _written_shards(config: RunConfig, run_id: str, shards: list[Shard]) -> dict[str, dict]:
+    """Summaries of the shards that an interrupted attempt at this run already wrote."""
+    with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
+        summaries = pool.map(
+            lambda shard: written_shard_summary(config.output, config.run_date, config.model, shard.shard_id, run_id),
+            shards,
+        )
+        return {summary["shard_id"]: summary for summary in summaries if summary is not None}
 
 
 def _refuse_output_inside_input(config: RunConfig) -> None:
@@ -132,7 +165,7 @@ def _execute(
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=_IO_TASK_CPUS,
-            fn_kwargs={"output": config.output, "run_date": config.run_date, "model": config.model},
+            fn_kwargs={"output": config.output, "run_date": config.run_date, "model": config.model, "run_id": run_id},
         )
     )
     return {row["shard_id"]: row for row in dataset.iter_rows()}

@@ -36,6 +36,8 @@ def format_summary(manifest: dict) -> str:
         f"  manifest    {display_uri(manifest['manifest_uri'])}",
         f"  try in DuckDB:  {query}",
     ]
+    if manifest.get("resumed_shards"):
+        lines.insert(3, f"  resumed     {manifest['resumed_shards']} of {len(manifest['shards'])} shards were already written")
     if manifest["ignored_files"]:
         lines.insert(3, f"  ignored     {manifest['ignored_files']} files that are not images, .tar or .parquet")
     return "\n".join(lines)

@@ -48,3 +48,7 @@ class RunConfig(BaseModel):
     max_pixels: PositiveInt = Field(
         100_000_000, description="images with more pixels are refused from their header, before decoding"
     )
+    max_error_rate: float = Field(
+        0.05, ge=0.0, le=1.0, description="exit non-zero (after committing) when more images than this fraction fail"
+    )
+    force: bool = Field(False, description="redo a run that is already committed, every shard of it")

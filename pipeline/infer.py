@@ -87,9 +87,11 @@ class SegmentShards:
         outcome: dict[int, dict] = {}
         mask_rows: list[dict] = []
         stat_rows: list[dict] = []
-        readable = [index for index, image in enumerate(images) if image["error_type"] is None]
+        readable = []
         for index, image in enumerate(images):
-            if image["error_type"] is not None:
+            if image["error_type"] is None:
+                readable.append(index)
+            else:  # the read stage could not get its bytes
                 outcome[index] = _error(image["error_type"], image["error_message"])
         window = 4 * self.config.batch_size
         windows = [readable[start : start + window] for start in range(0, len(readable), window)]

@@ -5,7 +5,8 @@ File names are a function of the shard alone,
 or resumed shard replaces its files instead of adding a copy. Each file is written as one
 complete object (object stores: one upload, visible only once complete; local disks: a hidden
 temporary file renamed into place), so a reader never sees half a file. ``images`` is written
-last: once it exists, the shard's other two files are complete.
+last: once it exists, the shard's other two files are complete. Each file carries the
+``run_id`` that wrote it in its Parquet metadata, so a resumed run knows its own shards.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime as dt
 import json
 from collections import Counter
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -22,6 +24,7 @@ from pipeline.storage import write_object
 
 # images last: its file marks the shard as written.
 WRITE_ORDER = ("masks", "class_stats", "images")
+RUN_ID_KEY = "segpipe.run_id"
 
 
 def partition_path(output: str, table: str, run_date: dt.date, model: str) -> str:
@@ -32,32 +35,57 @@ def shard_file(output: str, table: str, run_date: dt.date, model: str, shard_id:
     return f"{partition_path(output, table, run_date, model)}/part-{shard_id}.parquet"
 
 
-def write_shards(batch: pa.Table, *, output: str, run_date: dt.date, model: str) -> pa.Table:
-    """Ray Data batch function: shard rows of nested table rows -> one summary row per shard.
-
-    Summary columns: ``shard_id``, ``images``, ``ok``, ``bytes_written`` and the JSON objects
-    ``errors`` (error_type -> images) and ``masks`` (label -> masks).
-    """
+def write_shards(batch: pa.Table, *, output: str, run_date: dt.date, model: str, run_id: str) -> pa.Table:
+    """Ray Data batch function: shard rows of nested table rows -> one summary row per shard
+    (see :func:`shard_summary`). Every file is stamped with ``run_id`` in its Parquet metadata."""
     summaries = []
     for row in range(batch.num_rows):
         shard_id = batch.column("shard_id")[row].as_py()
         tables = {name: unnest(batch.column(name)[row], schema) for name, schema in TABLE_SCHEMAS.items()}
         written = sum(
-            write_object(shard_file(output, name, run_date, model, shard_id), _parquet_bytes(tables[name]))
+            write_object(
+                shard_file(output, name, run_date, model, shard_id),
+                _parquet_bytes(tables[name].replace_schema_metadata({RUN_ID_KEY: run_id})),
+            )
             for name in WRITE_ORDER
         )
-        images = tables["images"].to_pydict()
-        summaries.append(
-            {
-                "shard_id": shard_id,
-                "images": tables["images"].num_rows,
-                "ok": images["status"].count("ok"),
-                "bytes_written": written,
-                "errors": json.dumps(Counter(t for t in images["error_type"] if t is not None)),
-                "masks": json.dumps(Counter(tables["masks"].column("label").to_pylist())),
-            }
-        )
+        summaries.append(shard_summary(shard_id, tables["images"], tables["masks"], written))
     return pa.Table.from_pylist(summaries)
+
+
+def shard_summary(shard_id: str, images: pa.Table, masks: pa.Table, bytes_written: int) -> dict:
+    """``shard_id``, ``images``, ``ok``, ``bytes_written`` and the JSON objects ``errors``
+    (error_type -> images) and ``masks`` (label -> masks) of one written shard."""
+    statuses, error_types = images.column("status").to_pylist(), images.column("error_type").to_pylist()
+    return {
+        "shard_id": shard_id,
+        "images": images.num_rows,
+        "ok": statuses.count("ok"),
+        "bytes_written": bytes_written,
+        "errors": json.dumps(Counter(t for t in error_types if t is not None)),
+        "masks": json.dumps(Counter(masks.column("label").to_pylist())),
+    }
+
+
+def written_shard_summary(output: str, run_date: dt.date, model: str, shard_id: str, run_id: str) -> dict | None:
+    """The summary of a shard that run ``run_id`` already wrote completely, else ``None``.
+
+    ``images`` is written last, so its presence with this run's stamp means all three files are there.
+    """
+    fs, _ = fsspec.core.url_to_fs(output)
+    paths = {name: fsspec.core.url_to_fs(shard_file(output, name, run_date, model, shard_id))[1] for name in WRITE_ORDER}
+    try:
+        stamp = (pq.read_schema(paths["images"], filesystem=fs).metadata or {}).get(RUN_ID_KEY.encode())
+    except FileNotFoundError:
+        return None
+    if stamp != run_id.encode():
+        return None
+    return shard_summary(
+        shard_id,
+        pq.read_table(paths["images"], filesystem=fs, columns=["status", "error_type"]),
+        pq.read_table(paths["masks"], filesystem=fs, columns=["label"]),
+        sum(fs.size(path) for path in paths.values()),
+    )
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

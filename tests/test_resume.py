@@ -1,0 +1,94 @@
+"""Rerunning a run: a committed run does nothing, an interrupted one does only what is missing,
+--force redoes everything, and --max-error-rate fails a committed run with too many errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from jobs.cli import main
+from jobs.run import run
+from jobs.sample import encode, photos, truncated_jpeg
+from pipeline.config import RunConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    directory = tmp_path / "archive"
+    directory.mkdir()
+    for index, (name, pixels) in enumerate(photos().items()):
+        for copy in range(2):
+            (directory / f"{index}-{copy}-{name}.jpg").write_bytes(encode(pixels[::4, ::4], "JPEG", quality=80 + copy))
+    return directory
+
+
+def _config(archive: Path, output: Path, **overrides) -> RunConfig:
+    settings = {"input": str(archive), "output": str(output), "model": "lraspp_mobilenet_v3_large",
+                "weights": "random", "files_per_shard": 2, "run_date": dt.date(2026, 11, 20), **overrides}  # fmt: skip
+    return RunConfig(**settings)
+
+
+def _tables(output: Path) -> dict[str, list[tuple]]:
+    """Every row of the three tables, less run_id (which differs between two outputs)."""
+    return {
+        table: sorted(duckdb.sql(f"SELECT * EXCLUDE (run_id) FROM read_parquet('{output}/{table}/**/*.parquet')").fetchall(), key=str)
+        for table in ("images", "masks", "class_stats")
+    }
+
+
+def test_rerunning_a_committed_run_does_nothing(archive: Path, tmp_path: Path, capsys) -> None:
+    output = tmp_path / "out"
+    first = run(_config(archive, output))
+    files = {path: path.stat().st_mtime_ns for path in output.rglob("*.parquet")}
+    again = run(_config(archive, output))
+    assert "already committed; nothing to do" in capsys.readouterr().out
+    assert again == first
+    assert {path: path.stat().st_mtime_ns for path in output.rglob("*.parquet")} == files
+
+
+def test_an_interrupted_run_resumes_with_only_the_missing_shards(archive: Path, tmp_path: Path) -> None:
+    clean, interrupted = tmp_path / "clean", tmp_path / "interrupted"
+    run(_config(archive, clean))
+    first = run(_config(archive, interrupted))
+    # as if the driver died after three shards: the manifest and one shard's images file are missing
+    Path(first["manifest_uri"].removeprefix("file://")).unlink()
+    lost = first["shards"][1]["files"]["images"].removeprefix("file://")
+    Path(lost).unlink()
+    resumed = run(_config(archive, interrupted))
+    assert resumed["resumed_shards"] == 3 and len(resumed["shards"]) == 4
+    assert resumed["counts"] == first["counts"]
+    assert _tables(interrupted) == _tables(clean)
+
+
+def test_force_redoes_every_shard(archive: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    run(_config(archive, output))
+    redone = run(_config(archive, output, force=True))
+    assert redone["resumed_shards"] == 0
+
+
+def test_shards_written_by_another_run_are_not_taken_for_this_one(archive: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    first = run(_config(archive, output))
+    other = run(_config(archive, output, score_threshold=0.7))  # another run id, same partition and files
+    assert other["run_id"] != first["run_id"] and other["resumed_shards"] == 0
+    runs = duckdb.sql(f"SELECT DISTINCT run_id FROM read_parquet('{output}/images/**/*.parquet')").fetchall()
+    assert runs == [(other["run_id"],)]  # replaced, not duplicated
+
+
+def test_too_many_errors_fail_the_command_after_committing(archive: Path, tmp_path: Path, capsys) -> None:
+    (archive / "broken.jpg").write_bytes(truncated_jpeg())
+    (archive / "empty.jpg").write_bytes(b"")
+    arguments = ["run", "--input", str(archive), "--output", str(tmp_path / "out"), "--model",
+                 "lraspp_mobilenet_v3_large", "--weights", "random", "--run-date", "2026-11-20"]  # fmt: skip
+    assert main(arguments) == 1
+    error = capsys.readouterr().err
+    assert "2 of 10 images failed (20%), above --max-error-rate 0.05" in error
+    assert "truncated_image 1" in error and "empty_file 1" in error
+    assert list((tmp_path / "out" / "_runs").glob("*.json"))  # committed all the same
+    assert main([*arguments, "--max-error-rate", "0.25", "--force"]) == 0
