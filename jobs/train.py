@@ -165,14 +165,13 @@ def _train_worker(settings: dict) -> None:
 
 def _starting_model(spec: ModelSpec, initial: Weights, num_classes: int) -> nn.Module:
     """``spec`` with ``num_classes`` outputs, from ``initial`` wherever the shapes still fit."""
-    with torch.random.fork_rng(devices=[]):
-        model = spec.build(num_classes=num_classes)
+    model = spec.build(num_classes=num_classes)
     own = model.state_dict()
     fitting = {k: v for k, v in initial.state_dict.items() if k in own and own[k].shape == v.shape}
-    replaced = sorted(k for k in own if k not in fitting and own[k].is_floating_point())
     model.load_state_dict(fitting, strict=False)
-    if replaced and initial.source.startswith("random") is False:
-        print(f"segpipe train: {len(replaced)} tensors start fresh (a new head for {num_classes} classes)", flush=True)
+    fresh = [key for key in own if key not in fitting]
+    if fresh:
+        print(f"segpipe train: {len(fresh)} tensors start fresh (heads for {num_classes} classes)", flush=True)
     return model
 
 

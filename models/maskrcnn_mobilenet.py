@@ -5,8 +5,10 @@ network, RoIAlign, NMS and losses, made small enough to train in minutes on a CP
 MobileNetV3-Small backbone (Howard et al., 2019), a feature pyramid of 64 channels over its
 stride-8, 16 and 32 stages plus a max-pooled level, anchors from 16 to 192 pixels (two sizes
 and three aspect ratios per level), a 256-wide box head
-and a four-layer, 64-channel mask head. Images are resized internally to a shorter side of
-192 (at most 384 on the longer): the resolution it is trained at.
+and a four-layer, 64-channel mask head; 300 proposals after NMS in training (150 at
+inference), 128 sampled RoIs per image and at most 50 detections. Images are resized
+internally to a shorter side of 192 (at most 384 on the longer): the resolution it is
+trained at. Meant for scenes with a few objects, such as ``segpipe synth``'s shapes.
 
 Contract: as torchvision's Mask R-CNN (:mod:`models.torchvision_instance`): a list of float32
 ``(3, H, W)`` RGB tensors in [0, 1] in; per image ``boxes``, ``labels``, ``scores`` and
@@ -51,6 +53,13 @@ def maskrcnn_mobilenet_v3_small_fpn(*, num_classes: int) -> MaskRCNN:
         min_size=192,
         max_size=384,
         rpn_anchor_generator=anchors,
+        # A few objects per image: far fewer proposals and sampled RoIs than COCO's defaults.
+        rpn_pre_nms_top_n_train=600,
+        rpn_post_nms_top_n_train=300,
+        rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_test=150,
+        box_batch_size_per_image=128,
+        box_detections_per_img=50,
         box_head=TwoMLPHead(FPN_CHANNELS * 7 * 7, BOX_HEAD_WIDTH),
         box_predictor=FastRCNNPredictor(BOX_HEAD_WIDTH, num_classes),
         mask_head=MaskRCNNHeads(FPN_CHANNELS, (FPN_CHANNELS,) * 4, 1),

@@ -15,7 +15,7 @@ HELD_OUT_SEED = 2
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory: pytest.TempPathFactory) -> str:
     directory = tmp_path_factory.mktemp("held-out")
-    synthesize(str(directory), count=24, seed=HELD_OUT_SEED)
+    synthesize(str(directory), count=100, seed=HELD_OUT_SEED)  # the README's held-out set
     return str(directory)
 
 
