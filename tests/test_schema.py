@@ -49,10 +49,11 @@ def test_written_files_have_the_exact_schema_even_when_empty(tmp_path: Path) -> 
         }
     )
     date = dt.date(2026, 1, 2)
-    summary = write_shards(batch, output=str(tmp_path), run_date=date, model="m").to_pylist()
+    summary = write_shards(batch, output=str(tmp_path), run_date=date, model="m", run_id="r").to_pylist()
     assert summary[0]["images"] == 1 and summary[0]["ok"] == 0
     for table, schema in TABLE_SCHEMAS.items():
         path = shard_file(str(tmp_path), table, date, "m", "s1")
         assert path.endswith(f"/{table}/run_date=2026-01-02/model=m/part-s1.parquet")
-        assert pq.read_schema(path).equals(schema)
+        written = pq.read_schema(path)
+        assert written.equals(schema) and written.metadata[b"segpipe.run_id"] == b"r"
     assert not list(tmp_path.rglob(".*"))  # no temporary files left behind
