@@ -55,7 +55,7 @@ def run(config: RunConfig) -> dict:
         return committed
     written = {} if config.force else _written_shards(config, run_id, listing.shards)
     todo = [shard for shard in listing.shards if shard.shard_id not in written]
-    ray_startup_seconds = _ensure_ray() if todo else 0.0
+    ray_startup_seconds = ensure_ray() if todo else 0.0
     started = time.monotonic()
     shard_rows = dict(written)
     if todo:
@@ -110,7 +110,7 @@ def _run_id(config: RunConfig, weights_sha256: str) -> str:
     return f"{config.run_date:%Y%m%d}-{hashlib.blake2b(identity.encode(), digest_size=6).hexdigest()}"
 
 
-def _ensure_ray() -> float:
+def ensure_ray() -> float:
     """Connect to ``RAY_ADDRESS`` or start a local Ray; returns the seconds it took."""
     if ray.is_initialized():
         return 0.0

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from jobs.datasets import IGNORE_INDEX, LabelledData, Sample, load_labelled, masks_to_boxes
+from jobs.run import ensure_ray
 from models import ModelSpec, Preprocessing, Weights, get_model_spec, resolve_weights
 from pipeline.infer import model_input
 from pipeline.storage import absolute_uri, write_object
@@ -72,8 +73,7 @@ def train(config: TrainConfig) -> dict:
         preprocessing = dataclasses.replace(preprocessing, resize_shorter=config.resize_shorter)
     output = config.output
     storage_path, storage_filesystem = _storage(f"{output}/checkpoints")
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False, logging_level="WARNING")
+    ensure_ray()
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // config.workers)
     trainer = ray.train.torch.TorchTrainer(
         _train_worker,
