@@ -1,0 +1,63 @@
+"""Faults: a driver killed with SIGKILL part-way, then the same command again, gives the tables
+of an undisturbed run, with no row twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from jobs.sample import encode, photos
+
+pytestmark = pytest.mark.slow
+
+SEGPIPE = str(Path(sys.executable).with_name("segpipe"))
+
+
+def _command(archive: Path, output: Path) -> list[str]:
+    return [SEGPIPE, "run", "--input", str(archive), "--output", str(output), "--model", "lraspp_mobilenet_v3_large",
+            "--weights", "random", "--files-per-shard", "1", "--run-date", "2026-11-21"]  # fmt: skip
+
+
+def _environment() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
+
+
+def _rows(output: Path, table: str) -> list[tuple]:
+    query = f"SELECT * EXCLUDE (run_id) FROM read_parquet('{output}/{table}/**/*.parquet', hive_partitioning=true)"
+    return sorted(duckdb.sql(query).fetchall(), key=str)
+
+
+def test_driver_killed_part_way_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for copy in range(4):
+        for name, pixels in photos().items():
+            (archive / f"{copy}-{name}.jpg").write_bytes(encode(pixels, "JPEG", quality=70 + copy))
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    # the driver and the local Ray it started, as one process group: SIGKILL takes them all
+    process = subprocess.Popen(_command(archive, killed), env=_environment(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    images = killed / "images"
+    deadline = time.monotonic() + 240
+    while len(list(images.rglob("part-*.parquet"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    written = len(list(images.rglob("part-*.parquet")))
+    assert 3 <= written < 16 and not (killed / "_runs").exists(), "the kill must land part-way"
+    resumed = subprocess.run(_command(archive, killed), env=_environment(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed     {written} of 16 shards were already written" in resumed.stdout
+    undisturbed = subprocess.run(_command(archive, clean), env=_environment(), capture_output=True, text=True, timeout=300)
+    assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
+    for table in ("images", "masks", "class_stats"):
+        assert _rows(killed, table) == _rows(clean, table), table
+    uris = [row[1] for row in _rows(killed, "images")]
+    assert len(uris) == len(set(uris)) == 16
