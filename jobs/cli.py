@@ -3,8 +3,9 @@
 ``segpipe run`` takes its flags from :class:`pipeline.config.RunConfig` (``files_per_shard``
 is ``--files-per-shard``), so the CLI, YAML job specs (``--spec FILE``; flags given on the
 command line win) and the run manifest share one set of names, defaults and meanings.
-Bad arguments, a missing input, an unknown model or unreadable weights end the command
-with exit code 2 and a one-line reason.
+``segpipe train`` takes its flags from :class:`jobs.train.TrainConfig` the same way. Bad
+arguments, a missing input, an unknown model or unreadable weights end the command with
+exit code 2 and a one-line reason.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ Config = typing.TypeVar("Config", bound=pydantic.BaseModel)
 
 
 class SpecError(ValueError):
-    """A job spec or flag value that does not make a valid :class:`RunConfig`."""
+    """A job spec or flag values that do not make a valid configuration."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

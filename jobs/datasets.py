@@ -19,6 +19,7 @@ import pycocotools.mask as coco_mask
 from PIL import Image
 
 from pipeline.decode import decode_image
+from pipeline.errors import InputError
 
 IGNORE_INDEX = 255
 _MAX_PIXELS = 100_000_000
@@ -52,7 +53,7 @@ def load_labelled(uri: str, *, with_labels: bool) -> LabelledData:
     try:
         coco = json.loads(fs.cat_file(f"{root}/instances.json"))
     except FileNotFoundError:
-        raise ValueError(f"{uri} has no instances.json: not a segpipe dataset (see `segpipe synth`)") from None
+        raise InputError(f"{uri} has no instances.json: not a labelled dataset (see `segpipe synth`)") from None
     names = {category["id"]: category["name"] for category in coco["categories"]}
     categories = tuple(
         "background" if index == 0 else names.get(index, "N/A") for index in range(max(names, default=0) + 1)

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from jobs.datasets import IGNORE_INDEX, LabelledData, Sample, load_labelled, masks_to_boxes
 from jobs.run import ensure_ray
 from models import ModelSpec, Preprocessing, Weights, get_model_spec, resolve_weights
+from pipeline.errors import InputError
 from pipeline.infer import model_input
 from pipeline.storage import absolute_uri, write_object
 
@@ -66,6 +67,9 @@ class TrainConfig(BaseModel):
 def train(config: TrainConfig) -> dict:
     """Train as ``config`` says; returns the model card written beside the weights."""
     config = config.model_copy(update={"data": absolute_uri(config.data), "output": absolute_uri(config.output)})
+    fs, data_path = fsspec.core.url_to_fs(config.data)
+    if not fs.exists(f"{data_path}/instances.json"):
+        raise InputError(f"{config.data} has no instances.json: not a labelled dataset (see `segpipe synth`)")
     spec = get_model_spec(config.model)
     initial = resolve_weights(config.weights, spec)
     preprocessing = initial.preprocessing

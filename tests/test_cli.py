@@ -49,6 +49,16 @@ def test_architectures_without_trained_weights_need_an_explicit_choice(
     assert "pspnet has no trained weights of its own; pass --weights random" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_directory_that_is_no_dataset_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    arguments = ["--model", "unet", "--data", str(tmp_path)]
+    arguments += ["--output", str(tmp_path / "o")] if command == "train" else ["--weights", "random"]
+    assert main([command, *arguments]) == 2
+    assert "has no instances.json" in capsys.readouterr().err
+
+
 def test_run_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["run", "--help"])
