@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from models.blocks import ResNetEncoder, conv_bn_relu, pad_to_multiple
-from models.registry import SEMANTIC_PREPROCESSING, VOC_CATEGORIES, ModelSpec, register_model
+from models.registry import register_model, seed_semantic_spec
 
 
 def up_conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -67,12 +67,4 @@ def linknet(*, num_classes: int) -> LinkNet:
     return LinkNet(num_classes=num_classes)
 
 
-register_model(
-    ModelSpec(
-        name="linknet",
-        task="semantic",
-        builder=linknet,
-        categories=VOC_CATEGORIES,
-        preprocessing=SEMANTIC_PREPROCESSING,
-    )
-)
+register_model(seed_semantic_spec("linknet", linknet))

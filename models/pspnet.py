@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.blocks import ResNetEncoder, conv_bn_relu
-from models.registry import SEMANTIC_PREPROCESSING, VOC_CATEGORIES, ModelSpec, register_model
+from models.registry import register_model, seed_semantic_spec
 
 PYRAMID_BINS = (1, 2, 3, 6)
 
@@ -61,12 +61,4 @@ def pspnet(*, num_classes: int) -> PSPNet:
     return PSPNet(num_classes=num_classes)
 
 
-register_model(
-    ModelSpec(
-        name="pspnet",
-        task="semantic",
-        builder=pspnet,
-        categories=VOC_CATEGORIES,
-        preprocessing=SEMANTIC_PREPROCESSING,
-    )
-)
+register_model(seed_semantic_spec("pspnet", pspnet))

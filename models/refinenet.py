@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.blocks import ResNetEncoder, pad_to_multiple
-from models.registry import SEMANTIC_PREPROCESSING, VOC_CATEGORIES, ModelSpec, register_model
+from models.registry import register_model, seed_semantic_spec
 
 WIDTH = 256
 
@@ -102,12 +102,4 @@ def refinenet(*, num_classes: int) -> RefineNet:
     return RefineNet(num_classes=num_classes)
 
 
-register_model(
-    ModelSpec(
-        name="refinenet",
-        task="semantic",
-        builder=refinenet,
-        categories=VOC_CATEGORIES,
-        preprocessing=SEMANTIC_PREPROCESSING,
-    )
-)
+register_model(seed_semantic_spec("refinenet", refinenet))

@@ -120,6 +120,19 @@ def torchvision_spec(
     )
 
 
+def seed_semantic_spec(name: str, builder: Callable[..., nn.Module], **presets: Path) -> ModelSpec:
+    """A spec for one of segpipe's own semantic architectures: VOC categories and torchvision's
+    semantic preprocessing until trained weights bring their own (``presets``: name -> file)."""
+    return ModelSpec(
+        name=name,
+        task="semantic",
+        builder=builder,
+        categories=VOC_CATEGORIES,
+        preprocessing=SEMANTIC_PREPROCESSING,
+        presets=presets,
+    )
+
+
 _REGISTRY: dict[str, ModelSpec] = {}
 
 

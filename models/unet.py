@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from models.blocks import conv_bn_relu, pad_to_multiple
-from models.registry import PRESETS, SEMANTIC_PREPROCESSING, VOC_CATEGORIES, ModelSpec, register_model
+from models.registry import PRESETS, register_model, seed_semantic_spec
 
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -54,13 +54,4 @@ def unet(*, num_classes: int) -> UNet:
     return UNet(num_classes=num_classes)
 
 
-register_model(
-    ModelSpec(
-        name="unet",
-        task="semantic",
-        builder=unet,
-        categories=VOC_CATEGORIES,
-        preprocessing=SEMANTIC_PREPROCESSING,
-        presets={"shapes": PRESETS / "unet-shapes.safetensors"},
-    )
-)
+register_model(seed_semantic_spec("unet", unet, shapes=PRESETS / "unet-shapes.safetensors"))
