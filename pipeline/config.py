@@ -36,7 +36,7 @@ class RunConfig(BaseModel):
     image_column: str = Field("image", description="column holding the encoded image bytes in Parquet inputs")
     batch_size: PositiveInt = Field(8, description="images per model forward pass")
     score_threshold: float = Field(
-        0.5, ge=0.0, le=1.0, description="instance models: keep detections scoring at least this"
+        0.5, ge=0.0, le=1.0, description="instance and detection models: keep detections scoring at least this"
     )
     limit: PositiveInt | None = Field(None, description="process only the first N images (for trying things)")
     device: Literal["auto", "cpu", "cuda"] = Field(
