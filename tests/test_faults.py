@@ -1,5 +1,5 @@
-"""Faults: a driver killed with SIGKILL part-way, then the same command again, gives the tables
-of an undisturbed run, with no row twice."""
+"""Faults: a driver killed with SIGKILL part-way, then the same command again, and a model actor
+killed mid-run, each give the tables of an undisturbed run, with no row twice."""
 
 from __future__ import annotations
 
@@ -61,3 +61,57 @@ def test_driver_killed_part_way_then_rerun_equals_a_clean_run(tmp_path: Path) ->
         assert _rows(killed, table) == _rows(clean, table), table
     uris = [row[1] for row in _rows(killed, "images")]
     assert len(uris) == len(set(uris)) == 16
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path: Path) -> None:
+    import datetime as dt
+    import threading
+
+    from jobs.run import run
+    from pipeline.config import RunConfig
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for copy in range(3):
+        for name, pixels in photos().items():
+            (archive / f"{copy}-{name}.jpg").write_bytes(encode(pixels, "JPEG", quality=70 + copy))
+
+    def config(output: Path) -> RunConfig:
+        return RunConfig(input=str(archive), output=str(output), model="lraspp_mobilenet_v3_large", weights="random",
+                         files_per_shard=1, run_date=dt.date(2026, 11, 22))  # fmt: skip
+
+    killed_pids: list[int] = []
+
+    def kill_the_model_actor_once_it_works() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed_pids:
+            if list((tmp_path / "faulty" / "images").rglob("part-*.parquet")):
+                for pid in _model_actor_pids():
+                    os.kill(pid, signal.SIGKILL)
+                    killed_pids.append(pid)
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_the_model_actor_once_it_works)
+    killer.start()
+    faulty = run(config(tmp_path / "faulty"))
+    killer.join()
+    assert killed_pids, "the model actor must have been killed mid-run"
+    assert faulty["counts"]["images"] == faulty["counts"]["ok"] == 12
+    run(config(tmp_path / "clean"))
+    for table in ("images", "masks", "class_stats"):
+        assert _rows(tmp_path / "faulty", table) == _rows(tmp_path / "clean", table), table
+
+
+def _model_actor_pids() -> list[int]:
+    """Processes whose title Ray set to the model actor's (``ray::MapWorker(...SegmentShards...)``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::") and "SegmentShards" in title:
+                pids.append(int(entry.name))
+    return pids
