@@ -29,17 +29,22 @@ def _environment() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
 
 
+def _photo_archive(directory: Path, *, copies: int) -> Path:
+    """``copies`` x the four photos as distinct JPEG files (one shard each with --files-per-shard 1)."""
+    directory.mkdir()
+    for copy in range(copies):
+        for name, pixels in photos().items():
+            (directory / f"{copy}-{name}.jpg").write_bytes(encode(pixels, "JPEG", quality=70 + copy))
+    return directory
+
+
 def _rows(output: Path, table: str) -> list[tuple]:
     query = f"SELECT * EXCLUDE (run_id) FROM read_parquet('{output}/{table}/**/*.parquet', hive_partitioning=true)"
     return sorted(duckdb.sql(query).fetchall(), key=str)
 
 
 def test_driver_killed_part_way_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    for copy in range(4):
-        for name, pixels in photos().items():
-            (archive / f"{copy}-{name}.jpg").write_bytes(encode(pixels, "JPEG", quality=70 + copy))
+    archive = _photo_archive(tmp_path / "archive", copies=4)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     # the driver and the local Ray it started, as one process group: SIGKILL takes them all
     process = subprocess.Popen(_command(archive, killed), env=_environment(), start_new_session=True,
@@ -71,11 +76,7 @@ def test_a_model_actor_killed_mid_run_is_restarted_and_nothing_is_lost(tmp_path:
     from jobs.run import run
     from pipeline.config import RunConfig
 
-    archive = tmp_path / "archive"
-    archive.mkdir()
-    for copy in range(3):
-        for name, pixels in photos().items():
-            (archive / f"{copy}-{name}.jpg").write_bytes(encode(pixels, "JPEG", quality=70 + copy))
+    archive = _photo_archive(tmp_path / "archive", copies=3)
 
     def config(output: Path) -> RunConfig:
         return RunConfig(input=str(archive), output=str(output), model="lraspp_mobilenet_v3_large", weights="random",
