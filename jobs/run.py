@@ -22,7 +22,7 @@ import ray
 import ray.data
 
 from models import ModelSpec, Weights, display_uri, get_model_spec, resolve_weights
-from pipeline.commit import read_manifest, write_manifest
+from pipeline.commit import processed_sources, read_manifest, write_manifest, write_sources
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.infer import SegmentShards
@@ -30,13 +30,16 @@ from pipeline.listing import Shard, list_shards
 from pipeline.read import read_shards
 from pipeline.schema import TABLE_SCHEMAS
 from pipeline.storage import absolute_uri
-from pipeline.write import partition_path, shard_file, write_shards, written_shard_summary
+from pipeline.write import partition_path, remove_stale_shards, shard_file, write_shards, written_shard_summary
 
 # Read and write tasks mostly wait on storage: half a CPU each lets more of them overlap, and
 # keeps them from being fused into the model actors, which must not wait on I/O.
 _IO_TASK_CPUS = 0.5
 _CHECK_THREADS = 16
-_RUN_ID_FIELDS = ("input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels")
+_RUN_ID_FIELDS = (
+    "input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels",
+    "incremental",
+)  # fmt: skip
 
 
 def run(config: RunConfig) -> dict:
@@ -45,14 +48,25 @@ def run(config: RunConfig) -> dict:
     _refuse_output_inside_input(config)
     spec = get_model_spec(config.model)
     weights = resolve_weights(config.weights, spec)
-    listing = list_shards(config.input, files_per_shard=config.files_per_shard, limit=config.limit)
-    if not listing.shards:
-        raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
     run_id = _run_id(config, weights.sha256)
     committed = read_manifest(config.output, run_id)
     if committed is not None and not config.force:
         print(f"segpipe: run {run_id} is already committed; nothing to do (--force redoes it)", flush=True)
         return committed
+    processed = (
+        processed_sources(
+            config.output,
+            model=spec.name,
+            weights_sha256=weights.sha256,
+            preprocessing=asdict(weights.preprocessing),
+            exclude_run_id=run_id,
+        )
+        if config.incremental
+        else None
+    )
+    listing = list_shards(config.input, files_per_shard=config.files_per_shard, limit=config.limit, processed=processed)
+    if not listing.shards and not listing.skipped_files:
+        raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
     written = {} if config.force else _written_shards(config, run_id, listing.shards)
     todo = [shard for shard in listing.shards if shard.shard_id not in written]
     ray_startup_seconds = ensure_ray() if todo else 0.0
@@ -68,9 +82,18 @@ def run(config: RunConfig) -> dict:
         )
         shard_rows.update(_execute(config, run_id, todo, device, actors, actor_resources, ray.put(weights)))
     seconds = time.monotonic() - started
+    remove_stale_shards(config.output, config.run_date, config.model, run_id, keep={shard.shard_id for shard in listing.shards})
     manifest = _manifest(config, run_id, spec, weights, listing.shards, shard_rows)
     manifest["ignored_files"] = listing.ignored_files
     manifest["resumed_shards"] = len(written)
+    manifest["skipped"] = {
+        "files": listing.skipped_files,
+        "images": listing.skipped_images,
+        "processed_by_runs": list(processed.run_ids) if processed else [],
+    }
+    manifest["sources_uri"] = write_sources(
+        config.output, run_id, listing.shards, {shard_id: row["images"] for shard_id, row in shard_rows.items()}
+    )
     manifest["timings"] = {"seconds": round(seconds, 3), "ray_startup_seconds": round(ray_startup_seconds, 3)}
     return write_manifest(config.output, run_id, manifest)
 

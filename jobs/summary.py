@@ -38,6 +38,13 @@ def format_summary(manifest: dict) -> str:
     ]
     if manifest.get("resumed_shards"):
         lines.insert(3, f"  resumed     {manifest['resumed_shards']} of {len(manifest['shards'])} shards were already written")
+    skipped = manifest.get("skipped") or {}
+    if skipped.get("files"):
+        lines.insert(
+            3,
+            f"  skipped     {skipped['images']} images in {skipped['files']} files that earlier runs processed "
+            f"(--incremental; runs {', '.join(skipped['processed_by_runs'])})",
+        )
     if manifest["ignored_files"]:
         lines.insert(3, f"  ignored     {manifest['ignored_files']} files that are not images, .tar or .parquet")
     return "\n".join(lines)

@@ -51,4 +51,9 @@ class RunConfig(BaseModel):
     max_error_rate: float = Field(
         0.05, ge=0.0, le=1.0, description="exit non-zero (after committing) when more images than this fraction fail"
     )
+    incremental: bool = Field(
+        False,
+        description="skip images that earlier committed runs into the same output already processed with the same "
+        "model, weights and preprocessing (same URI, size and ETag/mtime)",
+    )
     force: bool = Field(False, description="redo a run that is already committed, every shard of it")

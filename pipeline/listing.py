@@ -5,7 +5,9 @@ or a group of up to ``files_per_shard`` loose image files in sorted order. Its `
 a hash of its kind and its sources' URIs, sizes and versions (ETag, or mtime where the store
 has none), so the same input always yields the same shards and the same output file names.
 Listing reads no object bytes, except under ``--limit``, where tar headers and Parquet footers
-are read to count images.
+are read to count images. For ``--incremental`` runs, sources that earlier runs already
+processed (:class:`ProcessedSources`, matched by URI, size and version) are left out before
+the loose files are grouped.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
@@ -33,6 +37,11 @@ class Source:
     uri: str
     size: int
     version: str
+
+    @property
+    def key(self) -> str:
+        """What identifies this exact content for ``--incremental``: ``uri<TAB>size<TAB>version``."""
+        return f"{self.uri}\t{self.size}\t{self.version}"
 
 
 @dataclass(frozen=True)
@@ -57,10 +66,23 @@ class Shard:
 
 
 @dataclass(frozen=True)
+class ProcessedSources:
+    """Sources that committed runs processed completely: ``keys`` (:attr:`Source.key`) and the
+    number of ``images`` each held, from the runs ``run_ids``."""
+
+    keys: pa.Array
+    images: pa.Array
+    run_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Listing:
     shards: list[Shard]
     ignored_files: int
     """Files under the prefix that are neither images, tars nor Parquet, or are hidden (``.x``, ``_x``)."""
+    skipped_files: int = 0
+    """Images, tars and Parquet files left out because earlier runs processed them (``--incremental``)."""
+    skipped_images: int = 0
 
 
 def image_extension(name: str) -> str | None:
@@ -68,8 +90,11 @@ def image_extension(name: str) -> str | None:
     return extension if extension in IMAGE_EXTENSIONS else None
 
 
-def list_shards(input_uri: str, *, files_per_shard: int, limit: int | None = None) -> Listing:
-    """All shards under ``input_uri`` in a stable order; with ``limit``, just enough for N images."""
+def list_shards(
+    input_uri: str, *, files_per_shard: int, limit: int | None = None, processed: ProcessedSources | None = None
+) -> Listing:
+    """All shards under ``input_uri`` in a stable order, less the ``processed`` sources; with
+    ``limit``, just enough for N images."""
     fs, root = fsspec.core.url_to_fs(input_uri)
     if not fs.exists(root):
         raise InputError(f"input not found: {input_uri}")
@@ -90,6 +115,12 @@ def list_shards(input_uri: str, *, files_per_shard: int, limit: int | None = Non
             loose.append(source)
         else:
             ignored += 1
+    skipped: set[str] = set()
+    skipped_images = 0
+    if processed is not None:
+        skipped, skipped_images = _processed_keys(loose + [source for _, source in containers], processed)
+        loose = [source for source in loose if source.key not in skipped]
+        containers = [(kind, source) for kind, source in containers if source.key not in skipped]
     groups: list[tuple[ShardKind, list[Source]]] = [
         ("files", loose[start : start + files_per_shard]) for start in range(0, len(loose), files_per_shard)
     ]
@@ -97,7 +128,15 @@ def list_shards(input_uri: str, *, files_per_shard: int, limit: int | None = Non
     shards = [_shard(kind, sources) for kind, sources in groups]
     if limit is not None:
         shards = _limit(fs, shards, limit)
-    return Listing(shards=shards, ignored_files=ignored)
+    return Listing(shards=shards, ignored_files=ignored, skipped_files=len(skipped), skipped_images=skipped_images)
+
+
+def _processed_keys(sources: list[Source], processed: ProcessedSources) -> tuple[set[str], int]:
+    """The keys of ``sources`` that ``processed`` holds, and how many images those held."""
+    keys = pa.array([source.key for source in sources], pa.string())
+    done = pc.filter(keys, pc.is_in(keys, value_set=processed.keys))
+    images = pc.sum(pc.filter(processed.images, pc.is_in(processed.keys, value_set=done))).as_py()
+    return set(done.to_pylist()), images or 0
 
 
 def _shard(kind: ShardKind, sources: list[Source], max_images: int | None = None) -> Shard:

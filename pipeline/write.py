@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import posixpath
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pyarrow as pa
@@ -86,6 +88,33 @@ def written_shard_summary(output: str, run_date: dt.date, model: str, shard_id: 
         pq.read_table(paths["masks"], filesystem=fs, columns=["label"]),
         sum(fs.size(path) for path in paths.values()),
     )
+
+
+def remove_stale_shards(output: str, run_date: dt.date, model: str, run_id: str, keep: set[str]) -> int:
+    """Delete the shards that an earlier attempt at run ``run_id`` wrote but that are not in
+    ``keep`` (the input changed between the attempts), so no image is in the run twice.
+    Other runs' files in the same partition stay. Returns how many shards were deleted."""
+    fs, directory = fsspec.core.url_to_fs(partition_path(output, "images", run_date, model))
+    try:
+        names = [posixpath.basename(path) for path in fs.ls(directory, detail=False)]
+    except FileNotFoundError:
+        return 0
+    candidates = [name[len("part-") : -len(".parquet")] for name in names if name.startswith("part-") and name.endswith(".parquet")]
+    candidates = [shard_id for shard_id in candidates if shard_id not in keep]
+
+    def stamped_by_this_run(shard_id: str) -> bool:
+        path = fsspec.core.url_to_fs(shard_file(output, "images", run_date, model, shard_id))[1]
+        return (pq.read_schema(path, filesystem=fs).metadata or {}).get(RUN_ID_KEY.encode()) == run_id.encode()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        stale = [shard_id for shard_id, stale in zip(candidates, pool.map(stamped_by_this_run, candidates)) if stale]
+    for shard_id in stale:
+        for table in reversed(WRITE_ORDER):  # images first: without it the shard no longer counts as written
+            try:
+                fs.rm_file(fsspec.core.url_to_fs(shard_file(output, table, run_date, model, shard_id))[1])
+            except FileNotFoundError:
+                pass  # the attempt died before writing it
+    return len(stale)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -12,6 +12,7 @@ import pytest
 from jobs.cli import main
 from jobs.run import run
 from jobs.sample import encode, photos, truncated_jpeg
+from jobs.summary import format_summary
 from pipeline.config import RunConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -39,6 +40,16 @@ def _tables(output: Path) -> dict[str, list[tuple]]:
         table: sorted(duckdb.sql(f"SELECT * EXCLUDE (run_id) FROM read_parquet('{output}/{table}/**/*.parquet')").fetchall(), key=str)
         for table in ("images", "masks", "class_stats")
     }
+
+
+def _all_runs(output: Path) -> dict[str, list[tuple]]:
+    """Every row of the three tables of all runs together, less what differs between runs of the same images."""
+    return {
+        table: sorted(
+            duckdb.sql(f"SELECT * EXCLUDE (run_id, run_date{', shard_id' if table == 'images' else ''}) "
+                       f"FROM read_parquet('{output}/{table}/**/*.parquet', hive_partitioning=true)").fetchall(), key=str)
+        for table in ("images", "masks", "class_stats")
+    }  # fmt: skip
 
 
 def test_rerunning_a_committed_run_does_nothing(archive: Path, tmp_path: Path, capsys) -> None:
@@ -92,3 +103,36 @@ def test_too_many_errors_fail_the_command_after_committing(archive: Path, tmp_pa
     assert "truncated_image 1" in error and "empty_file 1" in error
     assert list((tmp_path / "out" / "_runs").glob("*.json"))  # committed all the same
     assert main([*arguments, "--max-error-rate", "0.25", "--force"]) == 0
+
+
+def test_incremental_runs_process_only_new_and_changed_images(archive: Path, tmp_path: Path) -> None:
+    output, full = tmp_path / "out", tmp_path / "full"
+    first = run(_config(archive, output, incremental=True))
+    pictures = photos()
+    for index, name in enumerate(["astronaut", "coffee", "rocket"]):
+        (archive / f"new-{index}-{name}.jpg").write_bytes(encode(pictures[name][::5, ::5], "JPEG"))
+    second = run(_config(archive, output, incremental=True, run_date=dt.date(2026, 11, 21)))
+    assert second["counts"]["images"] == 3
+    assert second["skipped"] == {"files": 8, "images": 8, "processed_by_runs": [first["run_id"]]}
+    assert "skipped     8 images in 8 files that earlier runs processed" in format_summary(second)
+    run(_config(archive, full))
+    assert _all_runs(output) == _all_runs(full)
+
+    changed = sorted(archive.glob("new-*.jpg"))[0]
+    changed.write_bytes(encode(pictures["chelsea"][::6, ::6], "JPEG"))
+    third = run(_config(archive, output, incremental=True, run_date=dt.date(2026, 11, 22)))
+    assert third["counts"]["images"] == 1 and third["skipped"]["files"] == 10
+    nothing_new = run(_config(archive, output, incremental=True, run_date=dt.date(2026, 11, 23)))
+    assert nothing_new["counts"]["images"] == 0 and nothing_new["shards"] == []
+    assert nothing_new["skipped"]["images"] == 11
+
+
+def test_a_run_whose_input_changed_after_an_interruption_keeps_no_stale_shard(archive: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    first = run(_config(archive, output))
+    Path(first["manifest_uri"].removeprefix("file://")).unlink()  # interrupted before committing
+    sorted(archive.glob("*.jpg"))[0].unlink()  # the regrouped files make new shards
+    again = run(_config(archive, output))
+    assert again["counts"]["images"] == 7
+    (count,) = duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/images/**/*.parquet')").fetchall()[0]
+    assert count == 7
