@@ -5,7 +5,8 @@ is ``--files-per-shard``), so the CLI, YAML job specs (``--spec FILE``; flags gi
 command line win) and the run manifest share one set of names, defaults and meanings.
 ``segpipe train`` takes its flags from :class:`jobs.train.TrainConfig` the same way. Bad
 arguments, a missing input, an unknown model or unreadable weights end the command with
-exit code 2 and a one-line reason.
+exit code 2 and a one-line reason; object storage that stays down past segpipe's retries, with
+exit code 3 (the same command resumes the run).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jobs.run import error_rate_exceeded, run
 from jobs.summary import format_summary
 from models import ModelError, list_models
 from pipeline.config import RunConfig
-from pipeline.errors import InputError
+from pipeline.errors import InputError, StorageUnavailable
 
 
 Config = typing.TypeVar("Config", bound=pydantic.BaseModel)
@@ -44,6 +45,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelError, InputError, SpecError) as error:
         print(f"segpipe: error: {error}", file=sys.stderr)
         return 2
+    except Exception as error:
+        unavailable = _storage_unavailable(error)
+        if unavailable is None:
+            raise
+        print(f"segpipe: error: {unavailable}", file=sys.stderr)
+        return 3
+
+
+def _storage_unavailable(error: BaseException | None) -> StorageUnavailable | None:
+    """The :class:`StorageUnavailable` behind ``error``, which Ray may have wrapped on its way from a worker."""
+    while error is not None:
+        cause = getattr(error, "cause", None)  # ray.exceptions.RayTaskError keeps the worker's exception here
+        if isinstance(cause, StorageUnavailable):
+            return cause
+        if isinstance(error, StorageUnavailable):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def load_config(spec_path: str | None, flags: dict[str, object], config_type: type[Config] = RunConfig) -> Config:

@@ -22,7 +22,7 @@ import pyarrow.dataset as pa_dataset
 import pyarrow.parquet as pq
 
 from pipeline.listing import ProcessedSources, Shard
-from pipeline.storage import write_object
+from pipeline.storage import read_object, retrying, write_object
 
 _READ_THREADS = 16
 SOURCES_SCHEMA = pa.schema(
@@ -69,9 +69,9 @@ def processed_sources(output: str, *, model: str, weights_sha256: str, preproces
     processed under ``output`` (the run ``exclude_run_id`` itself aside)."""
     preprocessing = json.loads(json.dumps(preprocessing))  # as a manifest holds it: tuples are lists
     fs, path = fsspec.core.url_to_fs(output)
-    manifest_paths = fs.glob(f"{path}/_runs/*.json")
+    manifest_uris = [fs.unstrip_protocol(p) for p in retrying(lambda: fs.glob(f"{path}/_runs/*.json"), f"listing {output}/_runs")]
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        manifests = list(pool.map(lambda manifest_path: json.loads(fs.cat_file(manifest_path)), manifest_paths))
+        manifests = list(pool.map(lambda uri: json.loads(read_object(uri)), manifest_uris))
     matching = [
         manifest
         for manifest in manifests
@@ -85,7 +85,10 @@ def processed_sources(output: str, *, model: str, weights_sha256: str, preproces
     if not matching:
         return ProcessedSources(keys=pa.array([], pa.string()), images=pa.array([], pa.int64()), run_ids=())
     paths = [fsspec.core.url_to_fs(manifest["sources_uri"])[1] for manifest in matching]
-    table = pa_dataset.dataset(paths, filesystem=fs, format="parquet", schema=SOURCES_SCHEMA).to_table()
+    table = retrying(
+        lambda: pa_dataset.dataset(paths, filesystem=fs, format="parquet", schema=SOURCES_SCHEMA).to_table(),
+        f"reading the sources of {len(paths)} earlier runs",
+    )
     keys = pc.binary_join_element_wise(table["uri"], pc.cast(table["size"], pa.string()), table["version"], "\t")
     unique = pa.table({"key": keys, "images": table["images"]}).group_by("key").aggregate([("images", "max")])
     return ProcessedSources(
@@ -97,8 +100,7 @@ def processed_sources(output: str, *, model: str, weights_sha256: str, preproces
 
 def read_manifest(output: str, run_id: str) -> dict | None:
     """The committed manifest of ``run_id``, or ``None`` if that run never committed."""
-    fs, path = fsspec.core.url_to_fs(manifest_uri(output, run_id))
     try:
-        return json.loads(fs.cat_file(path))
+        return json.loads(read_object(manifest_uri(output, run_id)))
     except FileNotFoundError:
         return None

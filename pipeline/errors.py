@@ -1,5 +1,9 @@
-"""Errors the pipeline reports to the user as one line, with what to do instead."""
+"""Errors that end a job with a one-line message instead of a traceback."""
 
 
 class InputError(ValueError):
-    """The input or output location cannot be used as given."""
+    """The job's input or output location cannot be used as given."""
+
+
+class StorageUnavailable(OSError):
+    """Object storage kept failing transiently for longer than segpipe retries; the run can be resumed."""

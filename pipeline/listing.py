@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.storage import retrying
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 ShardKind = Literal["files", "tar", "parquet"]
@@ -96,9 +97,9 @@ def list_shards(
     """All shards under ``input_uri`` in a stable order, less the ``processed`` sources; with
     ``limit``, just enough for N images."""
     fs, root = fsspec.core.url_to_fs(input_uri)
-    if not fs.exists(root):
+    infos = retrying(lambda: _find(fs, root), f"listing {input_uri}")
+    if infos is None:
         raise InputError(f"input not found: {input_uri}")
-    infos = [fs.info(root)] if fs.isfile(root) else fs.find(root, detail=True, withdirs=False).values()
     loose: list[Source] = []
     containers: list[tuple[ShardKind, Source]] = []
     ignored = 0
@@ -129,6 +130,13 @@ def list_shards(
     if limit is not None:
         shards = _limit(fs, shards, limit)
     return Listing(shards=shards, ignored_files=ignored, skipped_files=len(skipped), skipped_images=skipped_images)
+
+
+def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[dict] | None:
+    """The file infos under ``root`` (or of ``root`` itself, a file), or ``None`` if nothing is there."""
+    if not fs.exists(root):
+        return None
+    return [fs.info(root)] if fs.isfile(root) else list(fs.find(root, detail=True, withdirs=False).values())
 
 
 def _processed_keys(sources: list[Source], processed: ProcessedSources) -> tuple[set[str], int]:
@@ -164,11 +172,15 @@ def _limit(fs: fsspec.AbstractFileSystem, shards: list[Shard], limit: int) -> li
 
 def _count_images(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
     path = fs._strip_protocol(shard.sources[0].uri)
-    with fs.open(path, "rb") as file:
-        if shard.kind == "parquet":
-            return pq.ParquetFile(file).metadata.num_rows
-        with tarfile.open(fileobj=file, mode="r:") as tar:
-            return sum(1 for member in tar if member.isfile() and image_extension(member.name))
+
+    def count() -> int:
+        with fs.open(path, "rb") as file:
+            if shard.kind == "parquet":
+                return pq.ParquetFile(file).metadata.num_rows
+            with tarfile.open(fileobj=file, mode="r:") as tar:
+                return sum(1 for member in tar if member.isfile() and image_extension(member.name))
+
+    return retrying(count, f"counting the images in {shard.sources[0].uri}")
 
 
 def _version(info: dict) -> str:

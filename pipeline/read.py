@@ -6,6 +6,7 @@ is the tar member name or the Parquet row index) and ``image_id``, a stable hash
 What cannot be read becomes an image row with an ``error_type`` instead of bytes: a missing or
 forbidden object (``read_error``), an unreadable archive (``unreadable_archive``), a Parquet
 file without the image column (``missing_image_column``) or a null cell (``empty_file``).
+Transient storage errors are retried (:func:`pipeline.storage.retrying`), never turned into rows.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.listing import Shard, image_extension
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, nest, rows_to_table
+from pipeline.storage import is_transient, retrying
 
 _PARQUET_READ_ROWS = 64
 
@@ -32,41 +34,64 @@ def image_id(uri: str) -> str:
 def read_shards(batch: pa.Table, *, image_column: str) -> pa.Table:
     """Ray Data batch function: column ``shard`` (JSON descriptors) -> ``shard_id``, ``images``."""
     shards = [Shard.from_json(text) for text in batch.column("shard").to_pylist()]
-    images = [nest(rows_to_table(list(_read_shard(shard, image_column)), ENCODED_IMAGE_SCHEMA)) for shard in shards]
+    images = [nest(rows_to_table(_read_shard(shard, image_column), ENCODED_IMAGE_SCHEMA)) for shard in shards]
     return pa.table({"shard_id": [shard.shard_id for shard in shards], "images": pa.concat_arrays(images)})
 
 
-def _read_shard(shard: Shard, image_column: str) -> Iterator[dict]:
+def _read_shard(shard: Shard, image_column: str) -> list[dict]:
     if shard.kind == "files":
-        yield from _read_files(shard)
-        return
+        return _read_files(shard)
+    return retrying(lambda: _read_container(shard, image_column), f"reading {shard.sources[0].uri}")
+
+
+def _read_container(shard: Shard, image_column: str) -> list[dict]:
+    """Rows of a tar or Parquet shard; a transient error is raised, so the whole container is read again."""
     source = shard.sources[0]
-    uri = source.uri
-    fs, path = fsspec.core.url_to_fs(uri)
-    count = 0
+    fs, path = fsspec.core.url_to_fs(source.uri)
+    rows: list[dict] = []
     try:
         with fs.open(path, "rb") as file:
             members = _tar_members(file, source.size) if shard.kind == "tar" else _parquet_members(file, image_column)
             for member, data, error in members:
-                if shard.max_images is not None and count >= shard.max_images:
-                    return
-                count += 1
-                yield _row(f"{uri}#{member}", data, error)
+                if shard.max_images is not None and len(rows) >= shard.max_images:
+                    break
+                rows.append(_row(f"{source.uri}#{member}", data, error))
     except (OSError, tarfile.TarError, pa.ArrowException) as failure:
-        error_type = "read_error" if count == 0 and isinstance(failure, OSError) else "unreadable_archive"
-        yield _row(uri, None, (error_type, f"after {count} images: {type(failure).__name__}: {failure}"))
+        if is_transient(failure):
+            raise
+        error_type = "read_error" if not rows and isinstance(failure, OSError) else "unreadable_archive"
+        rows.append(_row(source.uri, None, (error_type, f"after {len(rows)} images: {type(failure).__name__}: {failure}")))
+    return rows
 
 
-def _read_files(shard: Shard) -> Iterator[dict]:
+def _read_files(shard: Shard) -> list[dict]:
+    """Rows of a shard of loose files, in listing order; files that failed transiently are fetched again."""
     fs, _ = fsspec.core.url_to_fs(shard.sources[0].uri)
     paths = {fsspec.core.url_to_fs(source.uri)[1]: source.uri for source in shard.sources}
-    contents = fs.cat(list(paths), on_error="return")
+    contents: dict[str, bytes | BaseException] = {}
+
+    def fetch_the_rest() -> None:
+        remaining = [path for path in paths if path not in contents]
+        fetched = fs.cat(remaining, on_error="return")
+        failures = []
+        for path in remaining:
+            data = fetched.get(path, FileNotFoundError(path))
+            if isinstance(data, BaseException) and is_transient(data):
+                failures.append(data)
+            else:
+                contents[path] = data
+        if failures:
+            raise failures[0]
+
+    retrying(fetch_the_rest, f"reading {len(paths)} files from {shard.sources[0].uri}")
+    rows = []
     for path, uri in paths.items():
-        data = contents.get(path, FileNotFoundError(path))
+        data = contents[path]
         if isinstance(data, BaseException):
-            yield _row(uri, None, ("read_error", f"{type(data).__name__}: {data}"))
+            rows.append(_row(uri, None, ("read_error", f"{type(data).__name__}: {data}")))
         else:
-            yield _row(uri, data, None)
+            rows.append(_row(uri, data, None))
+    return rows
 
 
 def _tar_members(file, size: int) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:

@@ -1,11 +1,95 @@
-"""Storage primitives every stage and job uses: absolute URIs and whole-object writes."""
+"""Storage primitives every stage and job uses: absolute URIs, whole-object writes, and retries.
+
+Object stores fail transiently: connections refused or reset while a server restarts, timeouts,
+``503 SlowDown``. :func:`retrying` repeats an operation through such errors with exponential
+backoff and jitter for up to ``RETRY_SECONDS``, then raises :class:`StorageUnavailable`;
+a missing object or a refused permission is an answer, not a transient error, and is raised
+at once. Unless fsspec's configuration says otherwise, S3 connections time out after
+``S3_CONNECT_TIMEOUT`` seconds instead of botocore's 60 and botocore retries a request once
+rather than four times with its own backoff, so that this schedule, not three stacked ones,
+decides how long an outage is waited out.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import StorageUnavailable
+
+RETRY_SECONDS = 120.0
+S3_CONNECT_TIMEOUT = 10
+_FIRST_DELAY = 0.5
+_LONGEST_DELAY = 15.0
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+     errno.EPIPE, errno.EAGAIN, errno.EHOSTUNREACH, errno.ENETUNREACH}
+)  # fmt: skip
+
+Result = TypeVar("Result")
+logger = logging.getLogger("segpipe.storage")
+
+
+def _transient_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import botocore.exceptions
+
+        types += [botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError]
+    except ImportError:
+        pass
+    try:
+        import aiohttp
+
+        types.append(aiohttp.ClientError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+_TRANSIENT_TYPES = _transient_types()
+# user settings (FSSPEC_S3 or fsspec's config files) win over this default
+fsspec.config.conf.setdefault("s3", {}).setdefault(
+    "config_kwargs", {"connect_timeout": S3_CONNECT_TIMEOUT, "retries": {"mode": "standard", "max_attempts": 2}}
+)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` may go away if the same request is made again later."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    if isinstance(error, _TRANSIENT_TYPES):
+        return True
+    return isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNOS
+
+
+def retrying(operation: Callable[[], Result], what: str) -> Result:
+    """``operation()``, repeated through transient storage errors for up to ``RETRY_SECONDS``."""
+    started = time.monotonic()
+    delay = _FIRST_DELAY
+    while True:
+        try:
+            return operation()
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            waited = time.monotonic() - started
+            if waited + delay > RETRY_SECONDS:
+                raise StorageUnavailable(
+                    f"{what}: object storage still failing after {waited:.0f} s of retries "
+                    f"({type(error).__name__}: {error}); rerun the same command to resume"
+                ) from error
+            logger.warning("segpipe: %s: %s: %s; retrying in %.1f s", what, type(error).__name__, error, delay)
+            time.sleep(random.uniform(delay / 2, delay))
+            delay = min(2 * delay, _LONGEST_DELAY)
 
 
 def absolute_uri(uri: str) -> str:
@@ -15,7 +99,7 @@ def absolute_uri(uri: str) -> str:
 
 
 def write_object(uri: str, data: bytes) -> int:
-    """Write ``data`` to ``uri`` as one complete object; returns the bytes written."""
+    """Write ``data`` to ``uri`` as one complete object, through transient errors; returns the bytes written."""
     fs, path = fsspec.core.url_to_fs(uri)
     if isinstance(fs, LocalFileSystem):
         directory, name = os.path.split(path)
@@ -25,5 +109,11 @@ def write_object(uri: str, data: bytes) -> int:
             file.write(data)
         os.replace(temporary, path)
     else:
-        fs.pipe_file(path, data)
+        retrying(lambda: fs.pipe_file(path, data), f"writing {uri}")
     return len(data)
+
+
+def read_object(uri: str) -> bytes:
+    """The bytes of the object ``uri``, through transient errors."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return retrying(lambda: fs.cat_file(path), f"reading {uri}")

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.schema import TABLE_SCHEMAS, unnest
-from pipeline.storage import write_object
+from pipeline.storage import retrying, write_object
 
 # images last: its file marks the shard as written.
 WRITE_ORDER = ("masks", "class_stats", "images")
@@ -74,6 +74,12 @@ def written_shard_summary(output: str, run_date: dt.date, model: str, shard_id: 
 
     ``images`` is written last, so its presence with this run's stamp means all three files are there.
     """
+    return retrying(
+        lambda: _written_shard_summary(output, run_date, model, shard_id, run_id), f"checking shard {shard_id} in {output}"
+    )
+
+
+def _written_shard_summary(output: str, run_date: dt.date, model: str, shard_id: str, run_id: str) -> dict | None:
     fs, _ = fsspec.core.url_to_fs(output)
     paths = {name: fsspec.core.url_to_fs(shard_file(output, name, run_date, model, shard_id))[1] for name in WRITE_ORDER}
     try:
@@ -94,6 +100,12 @@ def remove_stale_shards(output: str, run_date: dt.date, model: str, run_id: str,
     """Delete the shards that an earlier attempt at run ``run_id`` wrote but that are not in
     ``keep`` (the input changed between the attempts), so no image is in the run twice.
     Other runs' files in the same partition stay. Returns how many shards were deleted."""
+    return retrying(
+        lambda: _remove_stale_shards(output, run_date, model, run_id, keep), f"removing stale shards of run {run_id}"
+    )
+
+
+def _remove_stale_shards(output: str, run_date: dt.date, model: str, run_id: str, keep: set[str]) -> int:
     fs, directory = fsspec.core.url_to_fs(partition_path(output, "images", run_date, model))
     try:
         names = [posixpath.basename(path) for path in fs.ls(directory, detail=False)]

@@ -54,41 +54,65 @@ def _wait_for_s3(endpoint: str, process: subprocess.Popen, log: Path, timeout: f
     raise RuntimeError(f"SeaweedFS did not answer on {endpoint} within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+class SeaweedFS:
+    """A SeaweedFS server (``weed mini``) on free loopback ports, storing under ``directory``;
+    it can be stopped and started again on the same ports and data."""
+
+    names = ("master", "volume", "filer", "s3", "webdav", "admin")
+    grpc_names = ("master", "volume", "filer", "s3", "admin")
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        ports = _free_ports(len(self.names) + len(self.grpc_names))
+        self.flags = [f"-{name}.port={port}" for name, port in zip(self.names, ports)]
+        self.flags += [f"-{name}.port.grpc={port}" for name, port in zip(self.grpc_names, ports[len(self.names) :])]
+        self.endpoint = f"http://127.0.0.1:{ports[self.names.index('s3')]}"
+        self.log = directory / "weed.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        environment = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+        with open(self.log, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [
+                    WEED, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *self.flags,
+                    "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+                ],
+                stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True,
+            )  # fmt: skip
+        _wait_for_s3(self.endpoint, self.process, self.log)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
+
+    def environment(self) -> dict[str, str]:
+        """The standard AWS variables that point s3fs at this server."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A SeaweedFS S3 endpoint; AWS_* variables point s3fs (and Ray workers) at it."""
-    data = tmp_path_factory.mktemp("seaweedfs")
-    names = ["master", "volume", "filer", "s3", "webdav", "admin"]
-    grpc_names = ["master", "volume", "filer", "s3", "admin"]
-    ports = _free_ports(len(names) + len(grpc_names))
-    flags = [f"-{name}.port={port}" for name, port in zip(names, ports)]
-    flags += [f"-{name}.port.grpc={port}" for name, port in zip(grpc_names, ports[len(names) :])]
-    environment = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
-    log = data / "weed.log"
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            [
-                WEED, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *flags,
-                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-            ],
-            stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True,
-        )  # fmt: skip
-    endpoint = f"http://127.0.0.1:{ports[names.index('s3')]}"
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
     try:
-        _wait_for_s3(endpoint, process, log)
-        os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
-            AWS_ACCESS_KEY_ID=S3_ACCESS_KEY,
-            AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
-            AWS_DEFAULT_REGION="us-east-1",
-        )
-        yield endpoint
+        server.start()
+        os.environ.update(server.environment())
+        yield server.endpoint
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +140,16 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
     ray.init(num_cpus=3, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def private_s3(tmp_path: Path) -> Iterator[SeaweedFS]:
+    """A SeaweedFS server of this test's own, which the test may stop and start again."""
+    directory = tmp_path / "seaweedfs"
+    directory.mkdir()
+    server = SeaweedFS(directory)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

@@ -1,5 +1,6 @@
-"""Faults: a driver killed with SIGKILL part-way, then the same command again, and a model actor
-killed mid-run, each give the tables of an undisturbed run, with no row twice."""
+"""Faults: a driver killed with SIGKILL part-way, then the same command again; a model actor
+killed mid-run; the S3 server stopped mid-run and started again: each gives the tables of an
+undisturbed run, with no row twice."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ pytestmark = pytest.mark.slow
 SEGPIPE = str(Path(sys.executable).with_name("segpipe"))
 
 
-def _command(archive: Path, output: Path) -> list[str]:
+def _command(archive: Path | str, output: Path | str) -> list[str]:
     return [SEGPIPE, "run", "--input", str(archive), "--output", str(output), "--model", "lraspp_mobilenet_v3_large",
             "--weights", "random", "--files-per-shard", "1", "--run-date", "2026-11-21"]  # fmt: skip
 
@@ -116,3 +117,44 @@ def _model_actor_pids() -> list[int]:
             if title.startswith("ray::") and "SegmentShards" in title:
                 pids.append(int(entry.name))
     return pids
+
+
+def test_s3_server_stopped_mid_run_and_started_again_loses_nothing(private_s3, tmp_path: Path) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=private_s3.endpoint, key=private_s3.environment()["AWS_ACCESS_KEY_ID"],
+                           secret=private_s3.environment()["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)  # fmt: skip
+    fs.mkdir("archive")
+    fs.mkdir("results")
+    fs.put(str(_photo_archive(tmp_path / "archive", copies=4)), "archive/photos", recursive=True)
+    environment = {**_environment(), **private_s3.environment()}
+    process = subprocess.Popen(_command("s3://archive/photos", "s3://results/outage"), env=environment,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        fs.invalidate_cache()
+        if len(fs.glob("results/outage/images/**/part-*.parquet")) >= 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "the outage must land mid-run"
+    private_s3.stop()
+    time.sleep(6)
+    private_s3.start()
+    output, _ = process.communicate(timeout=400)
+    assert process.returncode == 0, output[-3000:]
+    assert "retrying in" in output, "the run must have met the outage"
+    clean = subprocess.run(_command("s3://archive/photos", "s3://results/clean"), env=environment,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    fs.invalidate_cache()
+    connection = duckdb.connect()
+    connection.register_filesystem(fs)
+    for table in ("images", "masks", "class_stats"):
+        rows = {
+            name: sorted(connection.sql(f"SELECT * EXCLUDE (run_id) FROM read_parquet('s3://results/{name}/{table}/**/*.parquet')")
+                         .fetchall(), key=str)
+            for name in ("outage", "clean")
+        }  # fmt: skip
+        assert rows["outage"] == rows["clean"], table
+    (count,) = connection.sql("SELECT count(DISTINCT uri) FROM read_parquet('s3://results/outage/images/**/*.parquet')").fetchall()[0]
+    assert count == 16
