@@ -1,6 +1,6 @@
 """Faults: a driver killed with SIGKILL part-way, then the same command again; a model actor
-killed mid-run; the S3 server stopped mid-run and started again: each gives the tables of an
-undisturbed run, with no row twice."""
+killed mid-run; a worker node of a three-node Ray cluster removed mid-run; the S3 server
+stopped mid-run and started again: each gives the tables of an undisturbed run, with no row twice."""
 
 from __future__ import annotations
 
@@ -158,3 +158,18 @@ def test_s3_server_stopped_mid_run_and_started_again_loses_nothing(private_s3, t
         assert rows["outage"] == rows["clean"], table
     (count,) = connection.sql("SELECT count(DISTINCT uri) FROM read_parquet('s3://results/outage/images/**/*.parquet')").fetchall()[0]
     assert count == 16
+
+
+def test_a_worker_node_lost_mid_run_costs_time_not_data(tmp_path: Path) -> None:
+    import json
+
+    archive = _photo_archive(tmp_path / "archive", copies=4)
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("multinode_run.py")), str(archive), str(tmp_path)],
+                            env={**_environment(), "PYTHONPATH": str(Path(__file__).parents[1])},
+                            capture_output=True, text=True, timeout=500)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+    assert report["written_at_kill"] and report["written_at_kill"][0] < 16, "the node must be lost part-way"
+    assert report["faulty"]["images"] == report["faulty"]["ok"] == 16
+    for table in ("images", "masks", "class_stats"):
+        assert _rows(tmp_path / "faulty", table) == _rows(tmp_path / "clean", table), table
