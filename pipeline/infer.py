@@ -15,8 +15,10 @@ Preprocessing, as ARCHITECTURE.md fixes it:
 
 ``predict_class_maps`` and ``predict_detections`` are what ``segpipe eval`` measures too.
 
-An image the model fails on becomes an ``inference_error`` row: a failed batch is retried
-image by image, so one bad image never costs its neighbours.
+A batch that runs out of device memory is split in halves and retried, down to single images;
+an image that does not fit alone becomes an ``out_of_memory`` row. A batch that fails otherwise
+is retried image by image, and an image that still fails becomes an ``inference_error`` row, so
+one bad image never costs its neighbours.
 """
 
 from __future__ import annotations
@@ -107,7 +109,8 @@ class SegmentShards:
                     pixels[index] = result
             for index, result in self._predict(pixels).items():
                 if isinstance(result, Exception):
-                    outcome[index] = _error("inference_error", f"{type(result).__name__}: {result}")
+                    error_type = "out_of_memory" if isinstance(result, torch.OutOfMemoryError) else "inference_error"
+                    outcome[index] = _error(error_type, f"{type(result).__name__}: {result}")
                     continue
                 masks, stats = result
                 height, width = pixels[index].shape[:2]
@@ -132,23 +135,31 @@ class SegmentShards:
         return [self.decoder.submit(_decode_or_error, images[index]["data"], self.config.max_pixels) for index in indices]
 
     def _predict(self, pixels: dict[int, np.ndarray]) -> dict[int, tuple[list[dict], list[dict]] | Exception]:
-        """Rows per image, batching images of equal size; a failed batch is retried one by one."""
+        """Rows per image (or the exception it failed with), batching images of equal size."""
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, image in pixels.items():
             by_size[image.shape].append(index)
         results: dict[int, tuple[list[dict], list[dict]] | Exception] = {}
         for indices in by_size.values():
             for start in range(0, len(indices), self.config.batch_size):
-                chunk = indices[start : start + self.config.batch_size]
-                try:
-                    results.update(zip(chunk, self._predict_batch([pixels[i] for i in chunk])))
-                except Exception:  # noqa: BLE001 - isolate the failing image, keep the rest
-                    for index in chunk:
-                        try:
-                            results[index] = self._predict_batch([pixels[index]])[0]
-                        except Exception as error:  # noqa: BLE001
-                            results[index] = error
+                self._predict_isolating_failures(indices[start : start + self.config.batch_size], pixels, results)
         return results
+
+    def _predict_isolating_failures(self, chunk: list[int], pixels: dict[int, np.ndarray], results: dict) -> None:
+        try:
+            results.update(zip(chunk, self._predict_batch([pixels[index] for index in chunk])))
+        except Exception as error:  # noqa: BLE001 - isolate what fails, keep the rest
+            if len(chunk) == 1:
+                results[chunk[0]] = error
+                return
+            if isinstance(error, torch.OutOfMemoryError):
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                halves = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
+            else:
+                halves = [[index] for index in chunk]
+            for half in halves:
+                self._predict_isolating_failures(half, pixels, results)
 
     def _predict_batch(self, images: list[np.ndarray]) -> list[tuple[list[dict], list[dict]]]:
         batch = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images]).to(self.device)

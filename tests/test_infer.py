@@ -1,0 +1,95 @@
+"""The model actor under memory pressure: a batch that runs out of device memory is split and
+retried down to single images; only an image that does not fit alone becomes an error row.
+
+No GPU here: ``DeviceWithRoomFor`` stands in for one by raising ``torch.OutOfMemoryError``, the
+error CUDA raises, when a forward pass needs more than its capacity.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import ray
+import torch
+from torch import nn
+
+from jobs.sample import encode, photos
+from models import Weights, get_model_spec, resolve_weights
+from pipeline.config import RunConfig
+from pipeline.infer import SegmentShards
+from pipeline.listing import list_shards
+from pipeline.read import read_shards
+from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, unnest
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+SQUARE_PIXELS = 520 * 520  # what a square image becomes after the semantic models' resize
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
+
+
+class DeviceWithRoomFor(nn.Module):
+    """``model`` on a device with room for ``capacity`` input pixels per forward pass."""
+
+    def __init__(self, model: nn.Module, capacity: int) -> None:
+        super().__init__()
+        self.model = model
+        self.capacity = capacity
+        self.batch_sizes: list[int] = []
+
+    def forward(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.batch_sizes.append(batch.shape[0])
+        if batch.shape[0] * batch.shape[-2] * batch.shape[-1] > self.capacity:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(batch)
+
+
+class MemoryLimitedSegmentShards(SegmentShards):
+    """The model actor with its model on a :class:`DeviceWithRoomFor` ``capacity`` pixels."""
+
+    def __init__(self, *, capacity: int, weights: Weights, **kwargs) -> None:
+        # Ray hands an actor the value of an ObjectRef argument; the pipeline's actor expects the ref
+        super().__init__(weights=ray.put(weights), **kwargs)
+        self.model = DeviceWithRoomFor(self.model, capacity)
+
+    def batch_sizes(self) -> list[int]:
+        return self.model.batch_sizes
+
+
+def _shard_batch(directory: Path, config: RunConfig) -> pa.Table:
+    listing = list_shards(str(directory), files_per_shard=100)
+    return read_shards(pa.table({"shard": [listing.shards[0].to_json()]}), image_column=config.image_column)
+
+
+def _segment(config: RunConfig, batch: pa.Table, capacity: int | None) -> tuple[list[dict], list[dict], list[int]]:
+    weights = ray.put(resolve_weights("random", get_model_spec(config.model)))
+    actor = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(
+        capacity=capacity or 1 << 62, config=config, run_id="test", device="cpu", weights=weights
+    )
+    out = ray.get(actor.__call__.remote(batch))
+    images = unnest(out.column("images")[0], IMAGES_SCHEMA).to_pylist()
+    masks = unnest(out.column("masks")[0], MASKS_SCHEMA).to_pylist()
+    return images, masks, ray.get(actor.batch_sizes.remote())
+
+
+def test_out_of_memory_splits_the_batch_down_to_one_image(tmp_path: Path) -> None:
+    astronaut = photos()["astronaut"][::4, ::4]
+    for copy in range(8):
+        (tmp_path / f"square-{copy}.jpg").write_bytes(encode(astronaut, "JPEG", quality=60 + copy))
+    (tmp_path / "wide.png").write_bytes(encode(astronaut[:32], "PNG"))  # 128x32 -> 2080x520: 4 squares' worth
+    config = RunConfig(input=str(tmp_path), output="unused", model="lraspp_mobilenet_v3_large", weights="random",
+                       batch_size=8, run_date=dt.date(2026, 11, 25))  # fmt: skip
+    batch = _shard_batch(tmp_path, config)
+
+    images, masks, batch_sizes = _segment(config, batch, capacity=2 * SQUARE_PIXELS)
+    assert batch_sizes == [8, 4, 2, 2, 4, 2, 2, 1]  # the squares halve until they fit; the wide image alone does not
+    by_uri = {Path(row["uri"]).name: row for row in images}
+    assert by_uri["wide.png"]["status"] == "error" and by_uri["wide.png"]["error_type"] == "out_of_memory"
+    assert "CUDA out of memory" in by_uri["wide.png"]["error_message"]
+    assert [by_uri[f"square-{copy}.jpg"]["status"] for copy in range(8)] == ["ok"] * 8
+
+    roomy_images, roomy_masks, roomy_sizes = _segment(config, batch, capacity=None)
+    assert roomy_sizes == [8, 1]
+    assert [row for row in masks] == [row for row in roomy_masks if not row["uri"].endswith("wide.png")]
