@@ -1,10 +1,17 @@
 """Decode stage: encoded image bytes -> RGB uint8 ``(H, W, 3)`` at original resolution.
 
-EXIF orientation is applied. Grayscale, palette, RGBA/LA (alpha dropped), CMYK, YCbCr and
+Only the formats the listing accepts by extension are decoded: JPEG, PNG, WebP, BMP,
+TIFF and GIF, whatever a file's name says. Other formats Pillow knows are refused as
+``unsupported_format`` from their header: some of them run external programs (EPS calls
+Ghostscript) or parse rarely-audited containers, which an archive of untrusted files must not
+reach. EXIF orientation is applied. Grayscale, palette, RGBA/LA (alpha dropped), CMYK, YCbCr and
 1-bit images are converted to RGB; 16-bit images are scaled to 8 bits (divided by 257, not
 clipped); GIF and other animations give their first frame. Images with more than
-``max_pixels`` pixels are refused from their header, before any pixel is decoded. Every
-failure is a :class:`DecodeError` whose ``error_type`` goes into the ``images`` table.
+``max_pixels`` pixels are refused from their header, before any pixel is decoded, so a
+decompression bomb costs no memory; so are images more than ``MAX_ASPECT_RATIO`` times longer
+than wide (a 1 x 20000 strip would become 520 x 10,400,000 pixels once the semantic models
+resize its shorter side to 520). Every failure is a :class:`DecodeError` whose
+``error_type`` goes into the ``images`` table.
 """
 
 from __future__ import annotations
@@ -18,6 +25,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 Image.MAX_IMAGE_PIXELS = None
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+MAX_ASPECT_RATIO = 20
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+_MAGIC_NUMBERS = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+}
 
 
 class DecodeError(Exception):
@@ -33,13 +50,17 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     if not data:
         raise DecodeError("empty_file", "the file is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
-        raise DecodeError("not_an_image", f"not a recognised image format ({_describe_start(data)})") from None
+        raise _unopenable(data) from None
     width, height = image.size
     if width * height > max_pixels:
         raise DecodeError(
             "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds --max-pixels {max_pixels}"
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise DecodeError(
+            "extreme_aspect_ratio", f"{width}x{height} is more than {MAX_ASPECT_RATIO} times longer than it is wide"
         )
     try:
         image.load()
@@ -49,6 +70,23 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         if "truncated" in str(error) or "broken data stream" in str(error):
             raise DecodeError("truncated_image", f"{image.format} data ends early: {error}") from None
         raise DecodeError("decode_error", f"{image.format} {image.mode} image cannot be decoded: {error}") from None
+
+
+def _unopenable(data: bytes) -> DecodeError:
+    """Why ``data`` is no image of a supported format: another format, a broken header, or no image."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:  # reads the header only: nothing of it is decoded
+            other_format = other.format
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        other_format = None
+    if other_format is not None:
+        return DecodeError(
+            "unsupported_format", f"{other_format} images are not decoded (supported: {', '.join(SUPPORTED_FORMATS)})"
+        )
+    claimed = next((name for magic, name in _MAGIC_NUMBERS.items() if data.startswith(magic)), None)
+    if claimed is not None or data[8:12] == b"WEBP":
+        return DecodeError("decode_error", f"starts like a {claimed or 'WEBP'} file, but its header is invalid")
+    return DecodeError("not_an_image", f"not a recognised image format ({_describe_start(data)})")
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -1,0 +1,155 @@
+"""A corpus of broken, hostile and awkward files through ``segpipe run``: each file ends as
+exactly one ``images`` row with the outcome it should have, the run goes on, and a
+decompression bomb costs no memory. The corpus is made here, from scikit-image's photos."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import struct
+import subprocess
+import sys
+import tarfile
+import zlib
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from jobs.run import run
+from jobs.sample import awkward_images, encode, photos, truncated_jpeg
+from pipeline.config import RunConfig
+from pipeline.listing import list_shards
+from pipeline.read import read_shards
+from pipeline.schema import ENCODED_IMAGE_SCHEMA, unnest
+
+pytestmark = pytest.mark.slow
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid all-black grayscale PNG of ``width`` x ``height``, built without holding its pixels."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    compressor = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0, then the row's pixels
+    compressed = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", compressed) + chunk(b"IEND", b"")
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims ``width`` x ``height``."""
+    data = bytearray(encode(photos()["astronaut"][::8, ::8], "JPEG"))
+    frame = data.index(b"\xff\xc0")
+    data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def hostile_corpus() -> dict[str, tuple[bytes, str]]:
+    """File name -> (bytes, expected outcome: ``ok`` or the error_type)."""
+    astronaut = photos()["astronaut"]
+    small = astronaut[::8, ::8]
+    png = encode(small, "PNG")
+    broken_crc = bytearray(png)
+    broken_crc[png.index(b"IDAT") + 10] ^= 0xFF
+    zero_width = bytearray(png)
+    zero_width[16:20] = struct.pack(">I", 0)
+    exif = Image.Exif()
+    exif[0x0112] = 99  # an orientation that does not exist
+    corpus = {
+        "empty.jpg": (b"", "empty_file"),
+        "random-bytes.jpg": (np.random.default_rng(7).bytes(20_000), "not_an_image"),
+        "error-page.jpg": (b"<!DOCTYPE html><html><body>403 Forbidden</body></html>", "not_an_image"),
+        "truncated.jpg": (truncated_jpeg(), "truncated_image"),
+        "truncated.png": (encode(astronaut, "PNG")[:40_000], "truncated_image"),
+        "broken-crc.png": (bytes(broken_crc), "truncated_image"),
+        "zero-width.png": (bytes(zero_width), "decode_error"),
+        "bomb-png-900-megapixels.png": (png_bomb(30_000, 30_000), "too_many_pixels"),
+        "bomb-jpeg-header-65000x65000.jpg": (jpeg_claiming(65_000, 65_000), "too_many_pixels"),
+        "strip-4000x8.png": (encode(np.zeros((8, 4000, 3), np.uint8), "PNG"), "extreme_aspect_ratio"),
+        "postscript-as.jpg": (encode(Image.fromarray(small), "EPS"), "unsupported_format"),
+        "icon-as.png": (encode(Image.fromarray(small), "ICO"), "unsupported_format"),
+        "png-named.jpg": (png, "ok"),
+        "trailing-garbage.jpg": (encode(small, "JPEG") + b"\x00garbage" * 1000, "ok"),
+        "one-pixel.png": (encode(np.full((1, 1, 3), 200, np.uint8), "PNG"), "ok"),
+        "bad-exif-orientation.jpg": (encode(small, "JPEG", exif=exif), "ok"),
+        "cmyk.jpg": (awkward_images()["cmyk_chelsea.jpg"], "ok"),
+        "sixteen-bit.png": (awkward_images()["sixteen_bit_coins.png"], "ok"),
+        "animated.gif": (awkward_images()["palette_animated.gif"], "ok"),
+        "unicode name é 写真.jpg": (encode(small, "JPEG"), "ok"),
+    }
+    return corpus
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_every_file_of_the_hostile_corpus_gets_its_outcome_and_the_run_goes_on(tmp_path: Path) -> None:
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    corpus = hostile_corpus()
+    for name, (data, _) in corpus.items():
+        (archive / name).write_bytes(data)
+    manifest = run(RunConfig(input=str(archive), output=str(tmp_path / "out"), model="lraspp_mobilenet_v3_large",
+                             weights="random", files_per_shard=6, run_date=dt.date(2026, 11, 25), max_error_rate=1.0))  # fmt: skip
+    rows = duckdb.sql(
+        f"SELECT uri, status, error_type, error_message FROM read_parquet('{tmp_path}/out/images/**/*.parquet')"
+    ).fetchall()
+    assert len(rows) == len(corpus) == manifest["counts"]["images"]
+    outcomes = {Path(uri).name: (error_type or status) for uri, status, error_type, _ in rows}
+    assert outcomes == {name: expected for name, (_, expected) in corpus.items()}
+    assert all(message for _, status, _, message in rows if status == "error")
+
+
+def test_objects_that_vanish_between_listing_and_reading_are_error_rows(tmp_path: Path) -> None:
+    for name in ("kept.jpg", "deleted.jpg"):
+        (tmp_path / name).write_bytes(encode(photos()["coffee"][::8, ::8], "JPEG"))
+    shard = list_shards(str(tmp_path), files_per_shard=10).shards[0]
+    (tmp_path / "deleted.jpg").unlink()
+    batch = read_shards(pa.table({"shard": [shard.to_json()]}), image_column="image")
+    rows = {Path(row["uri"]).name: row for row in unnest(batch.column("images")[0], ENCODED_IMAGE_SCHEMA).to_pylist()}
+    assert rows["deleted.jpg"]["error_type"] == "read_error" and "FileNotFoundError" in rows["deleted.jpg"]["error_message"]
+    assert rows["kept.jpg"]["error_type"] is None and rows["kept.jpg"]["data"]
+
+
+def test_a_tar_with_an_empty_member_and_a_cut_off_tail(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in (("good.jpg", encode(photos()["rocket"][::8, ::8], "JPEG")), ("empty.jpg", b"")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    (tmp_path / "whole.tar").write_bytes(buffer.getvalue())
+    (tmp_path / "cut.tar").write_bytes(buffer.getvalue()[:700])
+    shards = list_shards(str(tmp_path), files_per_shard=10).shards
+    batch = read_shards(pa.table({"shard": [shard.to_json() for shard in shards]}), image_column="image")
+    cut, whole = (unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist() for cell in batch.column("images"))
+    assert [row["error_type"] for row in cut] == ["unreadable_archive"]
+    assert [(row["uri"].split("#")[1], row["size_bytes"]) for row in whole] == [("good.jpg", whole[0]["size_bytes"]), ("empty.jpg", 0)]
+
+
+BOMB_PROBE = """
+import resource, sys
+from pipeline.decode import DecodeError, decode_image
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decode_image(data, max_pixels=100_000_000)
+except DecodeError as error:
+    print(error.error_type, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+"""
+
+
+@pytest.mark.parametrize(("width", "height"), [(30_000, 30_000), (12_000, 9_000)])
+def test_a_decompression_bomb_does_not_raise_peak_memory(tmp_path: Path, width: int, height: int) -> None:
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(width, height))
+    assert bomb.stat().st_size < 2_000_000  # hundreds of megapixels in a small file
+    probe = subprocess.run([sys.executable, "-c", BOMB_PROBE, str(bomb)], capture_output=True, text=True,
+                           cwd=Path(__file__).parents[1], check=True)  # fmt: skip
+    error_type, grown_kib = probe.stdout.split()
+    assert error_type == "too_many_pixels"
+    assert int(grown_kib) < 200 * 1024  # ru_maxrss is in KiB on Linux
