@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -169,6 +170,20 @@ def test_semantic_random_weights(s3, bucket: str, capfd: pytest.CaptureFixture[s
     logs = capfd.readouterr()
     assert secret not in logs.out + logs.err
     assert secret not in s3.cat(manifest["manifest_uri"]).decode()
+    _assert_not_in_ray(secret)
+
+
+def _assert_not_in_ray(secret: str) -> None:
+    """Neither the job's runtime_env nor any file Ray wrote for this session (logs, the
+    runtime_env agent's records) holds ``secret``."""
+    import ray
+
+    assert secret not in json.dumps(ray.get_runtime_context().runtime_env)
+    session = Path(ray._private.worker.global_worker.node.get_session_dir_path())
+    files = [path for path in session.rglob("*") if path.is_file() and not path.is_symlink()]
+    assert files, session
+    leaking = [str(path) for path in files if secret.encode() in path.read_bytes()]
+    assert not leaking
 
 
 def test_semantic_state_dict_from_s3_equals_torchvision(s3, bucket: str) -> None:
