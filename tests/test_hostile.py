@@ -15,16 +15,12 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 
 from jobs.run import run
 from jobs.sample import awkward_images, encode, photos, truncated_jpeg
 from pipeline.config import RunConfig
-from pipeline.listing import list_shards
-from pipeline.read import read_shards
-from pipeline.schema import ENCODED_IMAGE_SCHEMA, unnest
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +46,16 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def tar_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def hostile_corpus() -> dict[str, tuple[bytes, str]]:
     """File name -> (bytes, expected outcome: ``ok`` or the error_type)."""
     astronaut = photos()["astronaut"]
@@ -61,6 +67,7 @@ def hostile_corpus() -> dict[str, tuple[bytes, str]]:
     zero_width[16:20] = struct.pack(">I", 0)
     exif = Image.Exif()
     exif[0x0112] = 99  # an orientation that does not exist
+    members = tar_of({"good.jpg": encode(small, "JPEG"), "empty.jpg": b""})
     corpus = {
         "empty.jpg": (b"", "empty_file"),
         "random-bytes.jpg": (np.random.default_rng(7).bytes(20_000), "not_an_image"),
@@ -82,8 +89,15 @@ def hostile_corpus() -> dict[str, tuple[bytes, str]]:
         "sixteen-bit.png": (awkward_images()["sixteen_bit_coins.png"], "ok"),
         "animated.gif": (awkward_images()["palette_animated.gif"], "ok"),
         "unicode name é 写真.jpg": (encode(small, "JPEG"), "ok"),
+        "cut.tar": (members[:700], "unreadable_archive"),
     }
     return corpus
+
+
+def expected_outcomes(corpus: dict[str, tuple[bytes, str]]) -> dict[str, str]:
+    """The outcome per image name; ``members.tar``'s images are named ``members.tar#MEMBER``."""
+    return {**{name: outcome for name, (_, outcome) in corpus.items()}, "members.tar#good.jpg": "ok",
+            "members.tar#empty.jpg": "empty_file"}  # fmt: skip
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -93,42 +107,17 @@ def test_every_file_of_the_hostile_corpus_gets_its_outcome_and_the_run_goes_on(t
     corpus = hostile_corpus()
     for name, (data, _) in corpus.items():
         (archive / name).write_bytes(data)
+    (archive / "members.tar").write_bytes(tar_of({"good.jpg": encode(photos()["coffee"][::8, ::8], "JPEG"), "empty.jpg": b""}))
     manifest = run(RunConfig(input=str(archive), output=str(tmp_path / "out"), model="lraspp_mobilenet_v3_large",
                              weights="random", files_per_shard=6, run_date=dt.date(2026, 11, 25), max_error_rate=1.0))  # fmt: skip
     rows = duckdb.sql(
         f"SELECT uri, status, error_type, error_message FROM read_parquet('{tmp_path}/out/images/**/*.parquet')"
     ).fetchall()
-    assert len(rows) == len(corpus) == manifest["counts"]["images"]
+    expected = expected_outcomes(corpus)
+    assert len(rows) == len(expected) == manifest["counts"]["images"]
     outcomes = {Path(uri).name: (error_type or status) for uri, status, error_type, _ in rows}
-    assert outcomes == {name: expected for name, (_, expected) in corpus.items()}
+    assert outcomes == expected
     assert all(message for _, status, _, message in rows if status == "error")
-
-
-def test_objects_that_vanish_between_listing_and_reading_are_error_rows(tmp_path: Path) -> None:
-    for name in ("kept.jpg", "deleted.jpg"):
-        (tmp_path / name).write_bytes(encode(photos()["coffee"][::8, ::8], "JPEG"))
-    shard = list_shards(str(tmp_path), files_per_shard=10).shards[0]
-    (tmp_path / "deleted.jpg").unlink()
-    batch = read_shards(pa.table({"shard": [shard.to_json()]}), image_column="image")
-    rows = {Path(row["uri"]).name: row for row in unnest(batch.column("images")[0], ENCODED_IMAGE_SCHEMA).to_pylist()}
-    assert rows["deleted.jpg"]["error_type"] == "read_error" and "FileNotFoundError" in rows["deleted.jpg"]["error_message"]
-    assert rows["kept.jpg"]["error_type"] is None and rows["kept.jpg"]["data"]
-
-
-def test_a_tar_with_an_empty_member_and_a_cut_off_tail(tmp_path: Path) -> None:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in (("good.jpg", encode(photos()["rocket"][::8, ::8], "JPEG")), ("empty.jpg", b"")):
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    (tmp_path / "whole.tar").write_bytes(buffer.getvalue())
-    (tmp_path / "cut.tar").write_bytes(buffer.getvalue()[:700])
-    shards = list_shards(str(tmp_path), files_per_shard=10).shards
-    batch = read_shards(pa.table({"shard": [shard.to_json() for shard in shards]}), image_column="image")
-    cut, whole = (unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist() for cell in batch.column("images"))
-    assert [row["error_type"] for row in cut] == ["unreadable_archive"]
-    assert [(row["uri"].split("#")[1], row["size_bytes"]) for row in whole] == [("good.jpg", whole[0]["size_bytes"]), ("empty.jpg", 0)]
 
 
 BOMB_PROBE = """
