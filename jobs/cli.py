@@ -1,4 +1,4 @@
-"""The ``segpipe`` command line: ``run``, ``models``, ``synth``, ``train`` and ``eval``.
+"""The ``segpipe`` command line: ``run``, ``query``, ``models``, ``synth``, ``train`` and ``eval``.
 
 ``segpipe run`` takes its flags from :class:`pipeline.config.RunConfig` (``files_per_shard``
 is ``--files-per-shard``), so the CLI, YAML job specs (``--spec FILE``; flags given on the
@@ -21,6 +21,7 @@ import pydantic
 import yaml
 
 from jobs import evaluate as evaluate_job
+from jobs import query as query_job
 from jobs import synth as synth_job
 from jobs import train as train_job
 from jobs.run import error_rate_exceeded, run
@@ -129,6 +130,11 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query(args: argparse.Namespace) -> int:
+    query_job.write(query_job.query(args.output, args.sql), args.format, args.out)
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     specs = list_models()
     if args.json:
@@ -198,6 +204,17 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
     eval_parser.set_defaults(handler=_eval)
+
+    query_parser = commands.add_parser(
+        "query", help="run SQL over a segpipe output with DuckDB", description=query_job.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    query_parser.add_argument("output", metavar="OUTPUT", help="the --output of segpipe run (any fsspec URI)")
+    query_parser.add_argument("sql", metavar="SQL", help="a query over the views images, masks, class_stats and runs")
+    query_parser.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
+                              help="aligned table (default), CSV, a JSON array of objects, or Parquet")  # fmt: skip
+    query_parser.add_argument("--out", metavar="URI", help="write the result here instead of stdout")
+    query_parser.set_defaults(handler=_query)
 
     models_parser = commands.add_parser("models", help="list the registered models")
     models_parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")

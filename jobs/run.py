@@ -13,8 +13,10 @@ import importlib.metadata
 import json
 import os
 import platform
+import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
@@ -191,7 +193,24 @@ def _execute(
             fn_kwargs={"output": config.output, "run_date": config.run_date, "model": config.model, "run_id": run_id},
         )
     )
-    return {row["shard_id"]: row for row in dataset.iter_rows()}
+    return _collect_with_progress(dataset.iter_rows(), len(shards))
+
+
+def _collect_with_progress(rows: Iterator[dict], total: int) -> dict[str, dict]:
+    """Each written shard's summary row; when stdout is no terminal (a log file, a scheduler),
+    one line per written shard stands in for Ray Data's progress bars."""
+    log_lines = not sys.stdout.isatty()
+    started = time.monotonic()
+    written: dict[str, dict] = {}
+    for row in rows:
+        written[row["shard_id"]] = row
+        if log_lines:
+            print(
+                f"segpipe: shard {len(written)}/{total} written ({row['images']} images, {row['ok']} ok) "
+                f"after {time.monotonic() - started:.0f} s",
+                flush=True,
+            )
+    return written
 
 
 def _manifest(

@@ -1,16 +1,22 @@
 """The one configuration object of a run, shared by the CLI, YAML job specs and the manifest.
 
 Every field is a ``segpipe run`` flag (``files_per_shard`` is ``--files-per-shard``) and a key of
-a job spec; unknown keys are an error. Credentials are never configuration: they come from the
-standard AWS variables, config files or instance roles of each machine.
+a job spec; unknown keys are an error. ``{run_date}`` in ``input`` or ``output`` becomes the
+run date, ``2026-11-24``; ``{run_date:%Y/%m/%d}`` takes any ``strftime`` format. Credentials are
+never configuration: they come from the standard AWS variables, config files or instance roles
+of each machine.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+import re
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+_RUN_DATE_FIELD = re.compile(r"\{run_date(?::([^}]*))?\}")
+_TEMPLATED = ("input", "output")
 
 
 class RunConfig(BaseModel):
@@ -57,3 +63,19 @@ class RunConfig(BaseModel):
         "model, weights and preprocessing (same URI, size and ETag/mtime)",
     )
     force: bool = Field(False, description="redo a run that is already committed, every shard of it")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_in_the_run_date(cls, values: Any) -> Any:
+        """``{run_date}`` (or ``{run_date:FORMAT}``) in the URIs becomes the run's date."""
+        if not isinstance(values, dict) or not any(_RUN_DATE_FIELD.search(str(values.get(key, ""))) for key in _TEMPLATED):
+            return values
+        run_date = values.get("run_date") or dt.date.today()
+        if isinstance(run_date, str):
+            try:
+                run_date = dt.date.fromisoformat(run_date)
+            except ValueError:
+                return values  # the run_date field's own validation reports it
+        filled = {key: _RUN_DATE_FIELD.sub(lambda match: format(run_date, match.group(1) or "%Y-%m-%d"), values[key])
+                  for key in _TEMPLATED if isinstance(values.get(key), str)}  # fmt: skip
+        return {**values, **filled}

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
@@ -132,3 +133,43 @@ def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
         "WHERE run_date = DATE '2026-11-24' AND model = 'lraspp_mobilenet_v3_large'"
     ).fetchall()
     assert images == [(6,)]
+    assert summary.count("segpipe: shard ") == 1  # stdout is no terminal: a line per written shard
+    _check_query(tmp_path / "out", tmp_path)
+
+
+def _check_query(output: Path, tmp_path: Path) -> None:
+    """`segpipe query` over a finished run: every view, every format, and a bad query."""
+    sql = ("SELECT r.run_id, count(*) AS images, sum(i.n_masks) AS masks, any_value(i.run_date) AS run_date "
+           "FROM images i JOIN runs r USING (run_id) GROUP BY r.run_id")  # fmt: skip
+    for output_format in ("csv", "json", "parquet"):
+        assert main(["query", str(output), sql, "--format", output_format, "--out", str(tmp_path / f"q.{output_format}")]) == 0
+    (row,) = json.loads((tmp_path / "q.json").read_text())
+    assert row["images"] == 6 and row["run_date"] == "2026-11-24" and row["run_id"].startswith("20261124-")
+    assert (tmp_path / "q.csv").read_text().splitlines()[0] == '"run_id","images","masks","run_date"'
+    assert pq.read_table(tmp_path / "q.parquet").to_pylist()[0]["images"] == 6
+    counts = duckdb.sql(f"SELECT count(*) FROM read_parquet('{output}/class_stats/**/*.parquet')").fetchall()[0][0]
+    assert main(["query", str(output), "SELECT count(*) AS n FROM class_stats", "--format", "json", "--out", str(tmp_path / "n.json")]) == 0
+    assert json.loads((tmp_path / "n.json").read_text()) == [{"n": counts}]
+
+
+def test_query_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["query", str(tmp_path / "nothing"), "SELECT 1"]) == 2
+    assert capsys.readouterr().err.startswith("segpipe: error: no segpipe output at ")
+    (tmp_path / "empty").mkdir()
+    assert main(["query", str(tmp_path / "empty"), "SELECT count(*) AS n FROM masks"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["n", "-", "0", "(1 row)"]
+    assert main(["query", str(tmp_path / "empty"), "SELECT nope FROM images"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("segpipe: error: query failed: ") and error.count("\n") == 1
+
+
+def test_a_job_spec_fills_in_the_run_date_and_flags_win(tmp_path: Path) -> None:
+    from jobs.cli import load_config
+
+    config = load_config("jobs/nightly.yaml", {"run_date": "2026-11-24"})
+    assert config.input == "s3://example-archive/uploads/2026/11/24/"
+    assert config.run_date.isoformat() == "2026-11-24" and config.incremental and config.model == "deeplabv3_resnet50"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("input: in/{run_date}\noutput: out\nmodel: unet\nrun_date: 2026-01-02\nbatch_size: 4\n")
+    overridden = load_config(str(spec), {"batch_size": 2})
+    assert (overridden.input, overridden.batch_size) == ("in/2026-01-02", 2)

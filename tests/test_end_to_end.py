@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from jobs.query import query
 from jobs.run import run
 from jobs.sample import awkward_images, encode, photos, truncated_jpeg
 from models import get_model_spec
@@ -171,6 +172,9 @@ def test_semantic_random_weights(s3, bucket: str, capfd: pytest.CaptureFixture[s
     assert secret not in logs.out + logs.err
     assert secret not in s3.cat(manifest["manifest_uri"]).decode()
     _assert_not_in_ray(secret)
+    # segpipe query reads an s3:// output through fsspec, with no DuckDB extension
+    result = query(output, "SELECT r.images AS listed, count(*) AS rows FROM images i JOIN runs r USING (run_id) GROUP BY ALL")
+    assert result.to_pylist() == [{"listed": len(expected), "rows": len(expected)}]
 
 
 def _assert_not_in_ray(secret: str) -> None:

@@ -1,0 +1,1 @@
+"""Throughput and memory harness: ``python -m benchmarks.throughput`` and ``python -m benchmarks.memory``."""

@@ -1,0 +1,268 @@
+"""End-to-end throughput against the model alone and against a plain Ray Data script.
+
+``python -m benchmarks.throughput --model NAME --count N --size WxH --device cpu|cuda [--json]``
+writes N photo-like JPEGs (:mod:`benchmarks.corpus`) to local disk and measures, in one run,
+with random weights:
+
+- **model-only**: forward passes (plus the argmax for semantic models) on tensors already on
+  the device, with the shapes, batch size and precision the pipeline uses;
+- **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
+  Ray start-up excluded (reported on its own);
+- **baseline**: a plain Ray Data script written the way Ray's batch-inference documentation
+  shows it (``read_images``, CPU preprocessing, ``map_batches`` with a model class, CPU
+  post-processing, class maps written as raw arrays); semantic models only;
+
+and reports images/s for each, the ratios, output bytes per image, how the RLE masks compare
+with raw uint8 class maps, and on CUDA the peak GPU memory and mean GPU utilisation during the
+end-to-end run (sampled with ``nvidia-smi``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import math
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import ray
+import ray.data
+import torch
+import torch.nn.functional as nn_functional
+import torchvision.transforms.functional as tv_functional
+
+from benchmarks.corpus import parse_size, write_jpegs
+from jobs.run import ensure_ray, run
+from models import Preprocessing, get_model_spec, resolve_weights
+from pipeline.config import RunConfig
+from pipeline.infer import model_input
+
+_WARMUP_STEPS = 2
+
+
+def resized(width: int, height: int, preprocessing: Preprocessing) -> tuple[int, int]:
+    """(height, width) of a semantic model's input after its shorter-side resize."""
+    if preprocessing.resize_shorter is None:
+        return height, width
+    scale = preprocessing.resize_shorter / min(width, height)
+    return (preprocessing.resize_shorter, int(width * scale)) if height <= width else (int(height * scale), preprocessing.resize_shorter)
+
+
+def model_only(model_name: str, *, count: int, width: int, height: int, device: str, batch_size: int) -> dict:
+    """Images/s of the model alone on device-resident inputs, and its peak device memory."""
+    spec = get_model_spec(model_name)
+    weights = resolve_weights("random", spec)
+    model = weights.build(spec).to(device).eval()
+    if spec.task == "semantic":
+        inputs = torch.randn(batch_size, 3, *resized(width, height, weights.preprocessing), device=device)
+
+        def step() -> None:
+            model(inputs)["out"].argmax(1)
+    else:
+        images = [torch.rand(3, height, width, device=device) for _ in range(batch_size)]
+
+        def step() -> None:
+            model(images)
+
+    steps = math.ceil(count / batch_size)
+    with torch.inference_mode():
+        for _ in range(_WARMUP_STEPS):
+            step()
+        _synchronize(device)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _synchronize(device)
+        seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return {"ips": steps * batch_size / seconds, "peak_gpu_bytes": peak}
+
+
+class GpuSampler:
+    """Samples GPU utilisation and memory with ``nvidia-smi`` while a block runs."""
+
+    def __init__(self) -> None:
+        self.utilisation: list[float] = []
+        self.memory_mib: list[float] = []
+        self._process: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> GpuSampler:
+        self._process = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits", "-lms", "200"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            utilisation, memory = (float(value) for value in line.split(",")[:2])
+            self.utilisation.append(utilisation)
+            self.memory_mib.append(memory)
+
+    def __exit__(self, *exc: object) -> None:
+        self._process.terminate()
+        self._process.wait()
+
+    def summary(self) -> dict:
+        if not self.utilisation:
+            return {"gpu_busy_percent": None, "peak_gpu_memory_mib": None}
+        return {"gpu_busy_percent": float(np.mean(self.utilisation)), "peak_gpu_memory_mib": max(self.memory_mib)}
+
+
+def end_to_end(directory: Path, output: Path, model_name: str, *, device: str, batch_size: int) -> dict:
+    """Images/s of ``segpipe run`` from the files to the committed manifest (Ray already started)."""
+    config = RunConfig(input=str(directory), output=str(output), model=model_name, weights="random", device=device,
+                       batch_size=batch_size, run_date=dt.date(2026, 1, 1), max_error_rate=1.0)  # fmt: skip
+    sampler = GpuSampler() if device == "cuda" and shutil.which("nvidia-smi") else None
+    started = time.perf_counter()
+    if sampler is not None:
+        with sampler:
+            manifest = run(config)
+    else:
+        manifest = run(config)
+    seconds = time.perf_counter() - started
+    counts = manifest["counts"]
+    raw_class_map_bytes = sum(
+        width * height
+        for width, height in duckdb.sql(f"SELECT width, height FROM read_parquet('{output}/images/**/*.parquet')").fetchall()
+        if width is not None
+    )
+    (rle_bytes,) = duckdb.sql(f"SELECT coalesce(sum(octet_length(mask_rle)), 0) FROM read_parquet('{output}/masks/**/*.parquet')").fetchall()[0]
+    return {
+        "ips": counts["images"] / seconds,
+        "seconds": seconds,
+        "images": counts["images"],
+        "ok": counts["ok"],
+        "bytes_per_image": counts["bytes_written"] / counts["images"],
+        "raw_class_map_bytes_per_rle_byte": raw_class_map_bytes / rle_bytes if rle_bytes else None,
+        **(sampler.summary() if sampler is not None else {"gpu_busy_percent": None, "peak_gpu_memory_mib": None}),
+    }
+
+
+def _baseline_preprocess(batch: dict[str, np.ndarray], *, preprocessing: Preprocessing) -> dict[str, np.ndarray]:
+    """CPU task: HWC uint8 images -> normalised CHW float32 model inputs, as the docs' transforms do."""
+    images = torch.from_numpy(np.stack(batch["image"])).permute(0, 3, 1, 2)
+    return {"input": model_input(images, preprocessing).numpy(), "height": np.full(len(images), images.shape[2]),
+            "width": np.full(len(images), images.shape[3])}  # fmt: skip
+
+
+class BaselinePredictor:
+    """The docs' predictor class: model built once, argmax on the device, predictions to numpy."""
+
+    def __init__(self, model_name: str, device: str) -> None:
+        spec = get_model_spec(model_name)
+        self.device = device
+        self.model = resolve_weights("random", spec).build(spec).to(device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            logits = self.model(torch.as_tensor(batch["input"], device=self.device))["out"]
+            return {"class_map": logits.argmax(1).to(torch.uint8).cpu().numpy(), "height": batch["height"], "width": batch["width"]}
+
+
+def _baseline_postprocess(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """CPU task: class maps back to the original size."""
+    maps = torch.from_numpy(batch["class_map"])[:, None]
+    height, width = int(batch["height"][0]), int(batch["width"][0])
+    return {"mask": tv_functional.resize(maps, [height, width], interpolation=tv_functional.InterpolationMode.NEAREST)[:, 0].numpy()}
+
+
+def baseline(directory: Path, output: Path, model_name: str, *, device: str, batch_size: int) -> dict | None:
+    """Images/s of a plain Ray Data batch-inference script on the same files, or ``None`` for
+    instance and detection models (not written)."""
+    spec = get_model_spec(model_name)
+    if spec.task != "semantic":
+        return None
+    preprocessing = resolve_weights("random", spec).preprocessing
+    gpus = 1 if device == "cuda" else 0
+    cpus = max(1.0, ray.cluster_resources().get("CPU", 2) - 1) if device == "cpu" else 1
+    started = time.perf_counter()
+    (
+        ray.data.read_images(str(directory), mode="RGB")
+        .map_batches(_baseline_preprocess, fn_kwargs={"preprocessing": preprocessing}, batch_size=batch_size)
+        .map_batches(BaselinePredictor, fn_constructor_kwargs={"model_name": model_name, "device": device},
+                     compute=ray.data.ActorPoolStrategy(size=max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1),
+                     num_gpus=gpus, num_cpus=cpus if not gpus else 1, batch_size=batch_size)  # fmt: skip
+        .map_batches(_baseline_postprocess, batch_size=batch_size)
+        .write_parquet(str(output))
+    )
+    seconds = time.perf_counter() - started
+    count = sum(1 for _ in directory.glob("*.jpg"))
+    return {"ips": count / seconds, "seconds": seconds}
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(model_name: str, *, count: int, width: int, height: int, device: str, batch_size: int, workdir: Path) -> dict:
+    """Every figure of one benchmark run, as the ``--json`` object."""
+    images = write_jpegs(workdir / "images", count=count, width=width, height=height)
+    ray_startup = ensure_ray()
+    only = model_only(model_name, count=count, width=width, height=height, device=device, batch_size=batch_size)
+    whole = end_to_end(images, workdir / "segpipe-out", model_name, device=device, batch_size=batch_size)
+    plain = baseline(images, workdir / "baseline-out", model_name, device=device, batch_size=batch_size)
+    return {
+        "model": model_name,
+        "count": count,
+        "size": f"{width}x{height}",
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+        "batch_size": batch_size,
+        "model_only_ips": only["ips"],
+        "end_to_end_ips": whole["ips"],
+        "baseline_ips": plain["ips"] if plain else None,
+        "ratio_model": whole["ips"] / only["ips"],
+        "ratio_baseline": whole["ips"] / plain["ips"] if plain else None,
+        "bytes_per_image": whole["bytes_per_image"],
+        "raw_class_map_bytes_per_rle_byte": whole["raw_class_map_bytes_per_rle_byte"],
+        "ok_images": whole["ok"],
+        "end_to_end_seconds": whole["seconds"],
+        "ray_startup_seconds": ray_startup,
+        "model_only_peak_gpu_bytes": only["peak_gpu_bytes"],
+        "gpu_busy_percent": whole["gpu_busy_percent"],
+        "peak_gpu_memory_mib": whole["peak_gpu_memory_mib"],
+        "versions": {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "ray", "pyarrow")},
+        "date": dt.date.today().isoformat(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--model", required=True, help="registered model name")
+    parser.add_argument("--count", type=int, required=True, help="number of JPEGs")
+    parser.add_argument("--size", type=parse_size, default=(1024, 768), metavar="WxH", help="image size (default 1024x768)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--workdir", type=Path, help="where the JPEGs and outputs go (default: a temporary folder)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
+    width, height = args.size
+    result = measure(args.model, count=args.count, width=width, height=height, device=args.device,
+                     batch_size=args.batch_size, workdir=workdir)  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return
+    for key, value in result.items():
+        print(f"{key:34} {value:.3f}" if isinstance(value, float) else f"{key:34} {value}")
+
+
+if __name__ == "__main__":
+    main()
