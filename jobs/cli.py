@@ -1,4 +1,5 @@
-"""The ``segpipe`` command line: ``run``, ``query``, ``models``, ``synth``, ``train`` and ``eval``.
+"""The ``segpipe`` command line: ``run``, ``submit``, ``status``, ``logs``, ``query``, ``models``,
+``synth``, ``train`` and ``eval``.
 
 ``segpipe run`` takes its flags from :class:`pipeline.config.RunConfig` (``files_per_shard``
 is ``--files-per-shard``), so the CLI, YAML job specs (``--spec FILE``; flags given on the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import typing
 from collections.abc import Sequence
@@ -22,6 +24,7 @@ import yaml
 
 from jobs import evaluate as evaluate_job
 from jobs import query as query_job
+from jobs import submit as submit_job
 from jobs import synth as synth_job
 from jobs import train as train_job
 from jobs.run import error_rate_exceeded, run
@@ -38,7 +41,23 @@ class SpecError(ValueError):
     """A job spec or flag values that do not make a valid configuration."""
 
 
+class _StderrHandler(logging.Handler):
+    """Writes segpipe's log lines (storage retries, ...) to whatever ``sys.stderr`` is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def _log_to_stderr() -> None:
+    logger = logging.getLogger("segpipe")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _log_to_stderr()
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -130,6 +149,30 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    config = load_config(args.spec, _config_flags(args, RunConfig))
+    job_id = submit_job.submit(args.address, config)
+    print(f"segpipe: submitted job {job_id} ({config.model}, run date {config.run_date})", flush=True)
+    if not args.wait:
+        print(f"  segpipe status {job_id}    segpipe logs {job_id} --follow")
+        return 0
+    code = submit_job.follow(args.address, job_id)
+    print(submit_job.describe(args.address, job_id))
+    return code
+
+
+def _status(args: argparse.Namespace) -> int:
+    print(submit_job.describe(args.address, args.job_id))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    if args.follow:
+        return submit_job.follow(args.address, args.job_id)
+    sys.stdout.write(submit_job.logs(args.address, args.job_id))
+    return 0
+
+
 def _query(args: argparse.Namespace) -> int:
     query_job.write(query_job.query(args.output, args.sql), args.format, args.out)
     return 0
@@ -175,6 +218,28 @@ def _parser() -> argparse.ArgumentParser:
     run_parser.add_argument("--spec", metavar="FILE", help="YAML job spec with the same keys as these flags")
     _add_flags(run_parser, RunConfig)
     run_parser.set_defaults(handler=_run)
+
+    address_help = "the Ray dashboard address, http://HEAD:8265 (default: $RAY_ADDRESS)"
+    submit_parser = commands.add_parser(
+        "submit", help="submit a segpipe run to a Ray cluster (Ray Job Submission API)",
+        description=submit_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    submit_parser.add_argument("--address", help=address_help)
+    submit_parser.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
+    submit_parser.add_argument("--spec", metavar="FILE", help="YAML job spec with the same keys as the run flags")
+    _add_flags(submit_parser, RunConfig)
+    submit_parser.set_defaults(handler=_submit)
+
+    status_parser = commands.add_parser("status", help="the status of a submitted job")
+    status_parser.add_argument("job_id", metavar="JOB_ID")
+    status_parser.add_argument("--address", help=address_help)
+    status_parser.set_defaults(handler=_status)
+
+    logs_parser = commands.add_parser("logs", help="the logs of a submitted job")
+    logs_parser.add_argument("job_id", metavar="JOB_ID")
+    logs_parser.add_argument("--address", help=address_help)
+    logs_parser.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its outcome")
+    logs_parser.set_defaults(handler=_logs)
 
     synth_parser = commands.add_parser(
         "synth", help="write a deterministic labelled dataset of shapes", description=synth_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
