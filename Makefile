@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup browser run test clean
 
 setup: $(INSTALLED)
 
@@ -20,8 +20,17 @@ run: setup
 	$(BIN)/segpipe run --spec jobs/demo.yaml
 	$(BIN)/segpipe run --spec jobs/demo-instances.yaml
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
+
+# tests/test_report.py opens reports in headless Chromium: Debian's package, installed when missing
+# (as root with apt-get); without it that one test is skipped.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; }; } || \
+	  echo "chromium is not installed: the report's browser test will be skipped"
 
 clean:
 	rm -rf out sample .pytest_cache

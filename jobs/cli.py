@@ -1,5 +1,5 @@
-"""The ``segpipe`` command line: ``run``, ``submit``, ``status``, ``logs``, ``query``, ``models``,
-``synth``, ``train`` and ``eval``.
+"""The ``segpipe`` command line: ``run``, ``submit``, ``status``, ``logs``, ``query``, ``report``,
+``models``, ``synth``, ``train`` and ``eval``.
 
 ``segpipe run`` takes its flags from :class:`pipeline.config.RunConfig` (``files_per_shard``
 is ``--files-per-shard``), so the CLI, YAML job specs (``--spec FILE``; flags given on the
@@ -24,6 +24,7 @@ import yaml
 
 from jobs import evaluate as evaluate_job
 from jobs import query as query_job
+from jobs import report as report_job
 from jobs import submit as submit_job
 from jobs import synth as synth_job
 from jobs import train as train_job
@@ -178,6 +179,12 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    manifest = report_job.write_report(args.output, args.out, run_date=args.run_date, model=args.model)
+    print(f"segpipe report: run {manifest['run_id']} ({manifest['model']['name']}, {manifest['config']['run_date']}) -> {args.out}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     specs = list_models()
     if args.json:
@@ -220,10 +227,7 @@ def _parser() -> argparse.ArgumentParser:
     run_parser.set_defaults(handler=_run)
 
     address_help = "the Ray dashboard address, http://HEAD:8265 (default: $RAY_ADDRESS)"
-    submit_parser = commands.add_parser(
-        "submit", help="submit a segpipe run to a Ray cluster (Ray Job Submission API)",
-        description=submit_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    submit_parser = _documented(commands, "submit", "submit a segpipe run to a Ray cluster (Ray Job Submission API)", submit_job)
     submit_parser.add_argument("--address", help=address_help)
     submit_parser.add_argument("--wait", action="store_true", help="stream the job's logs and exit with its outcome")
     submit_parser.add_argument("--spec", metavar="FILE", help="YAML job spec with the same keys as the run flags")
@@ -241,24 +245,18 @@ def _parser() -> argparse.ArgumentParser:
     logs_parser.add_argument("--follow", action="store_true", help="stream until the job ends; exit with its outcome")
     logs_parser.set_defaults(handler=_logs)
 
-    synth_parser = commands.add_parser(
-        "synth", help="write a deterministic labelled dataset of shapes", description=synth_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    synth_parser = _documented(commands, "synth", "write a deterministic labelled dataset of shapes", synth_job)
     synth_parser.add_argument("--out", required=True, metavar="URI", help="where images/, labels/ and instances.json go")
     synth_parser.add_argument("--count", required=True, type=int, help="number of images")
     synth_parser.add_argument("--seed", required=True, type=int, help="the same seed gives the same bytes")
     synth_parser.add_argument("--size", type=int, default=192, metavar="PX", help="image side in pixels (default: 192)")
     synth_parser.set_defaults(handler=_synth)
 
-    train_parser = commands.add_parser(
-        "train", help="train a model on a labelled dataset with Ray Train", description=train_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    train_parser = _documented(commands, "train", "train a model on a labelled dataset with Ray Train", train_job)
     _add_flags(train_parser, train_job.TrainConfig)
     train_parser.set_defaults(handler=_train)
 
-    eval_parser = commands.add_parser(
-        "eval", help="measure a model on a labelled dataset", description=evaluate_job.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    eval_parser = _documented(commands, "eval", "measure a model on a labelled dataset", evaluate_job)
     eval_parser.add_argument("--model", required=True, help="registered model name")
     eval_parser.add_argument("--weights", required=True, metavar="SPEC", help="as `segpipe run --weights` takes them")
     eval_parser.add_argument("--data", required=True, metavar="URI", help="a labelled dataset (see `segpipe synth`)")
@@ -270,21 +268,36 @@ def _parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--json", action="store_true", help="print one JSON object")
     eval_parser.set_defaults(handler=_eval)
 
-    query_parser = commands.add_parser(
-        "query", help="run SQL over a segpipe output with DuckDB", description=query_job.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    query_parser.add_argument("output", metavar="OUTPUT", help="the --output of segpipe run (any fsspec URI)")
+    query_parser = _documented(commands, "query", "run SQL over a segpipe output with DuckDB", query_job)
+    _add_output(query_parser)
     query_parser.add_argument("sql", metavar="SQL", help="a query over the views images, masks, class_stats and runs")
     query_parser.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table",
                               help="aligned table (default), CSV, a JSON array of objects, or Parquet")  # fmt: skip
     query_parser.add_argument("--out", metavar="URI", help="write the result here instead of stdout")
     query_parser.set_defaults(handler=_query)
 
+    report_parser = _documented(commands, "report", "write a self-contained HTML report of a run", report_job)
+    _add_output(report_parser)
+    report_parser.add_argument("--run-date", metavar="YYYY-MM-DD", help="the run's date (default: the latest run)")
+    report_parser.add_argument("--model", help="the run's model (default: the latest run's)")
+    report_parser.add_argument("--out", required=True, metavar="FILE", help="where the HTML goes (any fsspec URI)")
+    report_parser.set_defaults(handler=_report)
+
     models_parser = commands.add_parser("models", help="list the registered models")
     models_parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     models_parser.set_defaults(handler=_models)
     return parser
+
+
+def _documented(commands: argparse._SubParsersAction, name: str, summary: str, module: object) -> argparse.ArgumentParser:
+    """A sub-command whose --help shows ``summary`` and then ``module``'s docstring."""
+    return commands.add_parser(
+        name, help=summary, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("output", metavar="OUTPUT", help="the --output of segpipe run (any fsspec URI)")
 
 
 def _add_flags(parser: argparse.ArgumentParser, config_type: type[pydantic.BaseModel]) -> None:

@@ -76,12 +76,12 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
 
 
 def manifests(output: str) -> list[dict]:
-    """Every committed run manifest under ``output``, oldest run date first."""
+    """Every committed run manifest under ``output``, oldest run date first, then in commit order."""
     fs, root = fsspec.core.url_to_fs(output)
     paths = retrying(lambda: fs.glob(f"{root}/_runs/*.json"), f"listing {output}/_runs")
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
         found = list(pool.map(lambda path: json.loads(read_object(fs.unstrip_protocol(path))), paths))
-    return sorted(found, key=lambda manifest: (manifest["config"]["run_date"], manifest["run_id"]))
+    return sorted(found, key=lambda manifest: (manifest["config"]["run_date"], manifest.get("committed_at", ""), manifest["run_id"]))
 
 
 def runs_table(output: str) -> pa.Table:

@@ -8,6 +8,7 @@ through the Ray object store; credentials never travel: each node reads its own.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import importlib.metadata
 import json
@@ -97,6 +98,7 @@ def run(config: RunConfig) -> dict:
         config.output, run_id, listing.shards, {shard_id: row["images"] for shard_id, row in shard_rows.items()}
     )
     manifest["timings"] = {"seconds": round(seconds, 3), "ray_startup_seconds": round(ray_startup_seconds, 3)}
+    manifest["committed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return write_manifest(config.output, run_id, manifest)
 
 

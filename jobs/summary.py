@@ -35,6 +35,7 @@ def format_summary(manifest: dict) -> str:
         f"  tables      {output}/{{images,masks,class_stats}}/run_date={config['run_date']}/model={config['model']}/",
         f"  manifest    {display_uri(manifest['manifest_uri'])}",
         f"  try in DuckDB:  {query}",
+        f"  report:         segpipe report {output} --run-date {config['run_date']} --model {config['model']} --out report.html",
     ]
     if manifest.get("resumed_shards"):
         lines.insert(3, f"  resumed     {manifest['resumed_shards']} of {len(manifest['shards'])} shards were already written")

@@ -38,6 +38,29 @@ def read_shards(batch: pa.Table, *, image_column: str) -> pa.Table:
     return pa.table({"shard_id": [shard.shard_id for shard in shards], "images": pa.concat_arrays(images)})
 
 
+def read_image_bytes(uri: str, *, image_column: str = "image") -> bytes:
+    """The encoded bytes of one image by its ``images.uri``: a file, or ``CONTAINER#MEMBER`` of a
+    tar (member name) or Parquet file (row index). For looking at a few images, not for bulk reads."""
+    container, _, member = uri.partition("#")
+    if not member or not container.lower().endswith((".tar", ".parquet")):
+        fs, path = fsspec.core.url_to_fs(uri)
+        return retrying(lambda: fs.cat_file(path), f"reading {uri}")
+    fs, path = fsspec.core.url_to_fs(container)
+
+    def find_member() -> bytes:
+        with fs.open(path, "rb") as file:
+            if container.lower().endswith(".tar"):
+                members = _tar_members(file, fs.size(path))
+            else:
+                members = _parquet_members(file, image_column)
+            for name, data, _ in members:
+                if name == member and data is not None:
+                    return data
+        raise FileNotFoundError(uri)
+
+    return retrying(find_member, f"reading {uri}")
+
+
 def _read_shard(shard: Shard, image_column: str) -> list[dict]:
     if shard.kind == "files":
         return _read_files(shard)

@@ -137,7 +137,8 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
     """A local Ray instance started after the S3 variables are set, so its workers inherit them."""
     import ray
 
-    ray.init(num_cpus=3, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
+    # "local": a new instance even if a `ray start` on this machine left its address in /tmp/ray
+    ray.init(address="local", num_cpus=3, object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
