@@ -141,7 +141,7 @@ def end_to_end(directory: Path, output: Path, model_name: str, *, device: str, b
         for width, height in duckdb.sql(f"SELECT width, height FROM read_parquet('{output}/images/**/*.parquet')").fetchall()
         if width is not None
     )
-    (rle_bytes,) = duckdb.sql(f"SELECT coalesce(sum(octet_length(mask_rle)), 0) FROM read_parquet('{output}/masks/**/*.parquet')").fetchall()[0]
+    (rle_bytes,) = duckdb.sql(f"SELECT coalesce(sum(strlen(mask_rle)), 0) FROM read_parquet('{output}/masks/**/*.parquet')").fetchall()[0]
     return {
         "ips": counts["images"] / seconds,
         "seconds": seconds,
@@ -176,7 +176,7 @@ class BaselinePredictor:
 
 def _baseline_postprocess(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """CPU task: class maps back to the original size."""
-    maps = torch.from_numpy(batch["class_map"])[:, None]
+    maps = torch.tensor(batch["class_map"])[:, None]
     height, width = int(batch["height"][0]), int(batch["width"][0])
     return {"mask": tv_functional.resize(maps, [height, width], interpolation=tv_functional.InterpolationMode.NEAREST)[:, 0].numpy()}
 

@@ -28,10 +28,10 @@ from jobs import report as report_job
 from jobs import submit as submit_job
 from jobs import synth as synth_job
 from jobs import train as train_job
-from jobs.run import error_rate_exceeded, run
+from jobs.run import error_rate_exceeded, run_all
 from jobs.summary import format_summary
 from models import ModelError, list_models
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, split_spec
 from pipeline.errors import InputError, StorageUnavailable
 
 
@@ -88,16 +88,37 @@ def _storage_unavailable(error: BaseException | None) -> StorageUnavailable | No
 
 def load_config(spec_path: str | None, flags: dict[str, object], config_type: type[Config] = RunConfig) -> Config:
     """A job's configuration: the YAML spec's keys, overridden by the flags given."""
-    values: dict[str, object] = {}
-    if spec_path is not None:
-        try:
-            with open(spec_path) as file:
-                values = yaml.safe_load(file) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise SpecError(f"cannot read job spec {spec_path}: {error}") from None
-        if not isinstance(values, dict):
-            raise SpecError(f"job spec {spec_path} must be a mapping of settings, not {type(values).__name__}")
+    values = _read_spec(spec_path)
     values.update(flags)
+    return _validate(values, config_type)
+
+
+def load_run_configs(spec_path: str | None, flags: dict[str, object]) -> list[RunConfig]:
+    """The runs of a ``segpipe run`` or ``submit``: one, or one per entry of the spec's ``models``."""
+    values = _read_spec(spec_path)
+    if "models" in values and {"model", "weights"} & set(flags):
+        raise SpecError(f"job spec {spec_path} lists its models; --model and --weights cannot replace them")
+    try:
+        runs = split_spec(values)
+    except ValueError as error:
+        raise SpecError(f"job spec {spec_path}: {error}") from None
+    return [_validate({**run, **flags}, RunConfig) for run in runs]
+
+
+def _read_spec(spec_path: str | None) -> dict[str, object]:
+    if spec_path is None:
+        return {}
+    try:
+        with open(spec_path) as file:
+            values = yaml.safe_load(file) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise SpecError(f"cannot read job spec {spec_path}: {error}") from None
+    if not isinstance(values, dict):
+        raise SpecError(f"job spec {spec_path} must be a mapping of settings, not {type(values).__name__}")
+    return values
+
+
+def _validate(values: dict[str, object], config_type: type[Config]) -> Config:
     try:
         return config_type.model_validate(values)
     except pydantic.ValidationError as error:
@@ -115,13 +136,14 @@ def _describe(problem: dict, config_type: type[pydantic.BaseModel]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    manifest = run(load_config(args.spec, _config_flags(args, RunConfig)))
-    print(format_summary(manifest))
-    too_many_errors = error_rate_exceeded(manifest)
-    if too_many_errors:
-        print(f"segpipe: error: {too_many_errors}", file=sys.stderr)
-        return 1
-    return 0
+    code = 0
+    for manifest in run_all(load_run_configs(args.spec, _config_flags(args, RunConfig))):
+        print(format_summary(manifest))
+        too_many_errors = error_rate_exceeded(manifest)
+        if too_many_errors:
+            print(f"segpipe: error: {manifest['model']['name']}: {too_many_errors}", file=sys.stderr)
+            code = 1
+    return code
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -151,9 +173,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    config = load_config(args.spec, _config_flags(args, RunConfig))
-    job_id = submit_job.submit(args.address, config)
-    print(f"segpipe: submitted job {job_id} ({config.model}, run date {config.run_date})", flush=True)
+    configs = load_run_configs(args.spec, _config_flags(args, RunConfig))
+    job_id = submit_job.submit(args.address, configs)
+    models = ", ".join(config.model for config in configs)
+    print(f"segpipe: submitted job {job_id} ({models}, run date {configs[0].run_date})", flush=True)
     if not args.wait:
         print(f"  segpipe status {job_id}    segpipe logs {job_id} --follow")
         return 0

@@ -16,10 +16,10 @@ import os
 import platform
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import ray
 import ray.data
@@ -29,7 +29,7 @@ from pipeline.commit import processed_sources, read_manifest, write_manifest, wr
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.infer import SegmentShards
-from pipeline.listing import Shard, list_shards
+from pipeline.listing import Listing, ProcessedSources, Shard, list_shards
 from pipeline.read import read_shards
 from pipeline.schema import TABLE_SCHEMAS
 from pipeline.storage import absolute_uri
@@ -45,8 +45,51 @@ _RUN_ID_FIELDS = (
 )  # fmt: skip
 
 
+@dataclass
+class _Plan:
+    """One run, resolved: its model, verified weights, run id, listing and what is already written."""
+
+    config: RunConfig
+    spec: ModelSpec
+    weights: Weights
+    run_id: str
+    listing: Listing
+    processed: ProcessedSources | None
+    written: dict[str, dict]
+
+
 def run(config: RunConfig) -> dict:
     """Run the job ``config`` describes and return its committed manifest."""
+    return run_all([config])[0]
+
+
+def run_all(configs: list[RunConfig]) -> list[dict]:
+    """Run the jobs ``configs`` describe (one per model over the same input, as a job spec's
+    ``models`` lists them) and return their committed manifests, in order.
+
+    Runs whose shards are the same go through one pipeline: each shard is read and each image
+    decoded once, then every model that still needs the shard runs on it. Each run keeps its
+    own run id, partition and manifest, exactly as if it had run alone."""
+    manifests: dict[int, dict] = {}
+    plans: dict[int, _Plan] = {}
+    for position, config in enumerate(configs):
+        outcome = _plan(config)
+        if isinstance(outcome, dict):
+            manifests[position] = outcome
+        else:
+            plans[position] = outcome
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for position, plan in plans.items():
+        shared = plan.config.model_dump(include={"output", "run_date", "image_column", "max_pixels", "device", "actors"})
+        groups[(tuple(shard.shard_id for shard in plan.listing.shards), *shared.values())].append(position)
+    for positions in groups.values():
+        for position, manifest in zip(positions, _run_together([plans[position] for position in positions])):
+            manifests[position] = manifest
+    return [manifests[position] for position in range(len(configs))]
+
+
+def _plan(config: RunConfig) -> _Plan | dict:
+    """The run's plan, or its manifest when it is already committed (and not ``force``d)."""
     config = config.model_copy(update={"input": absolute_uri(config.input), "output": absolute_uri(config.output)})
     _refuse_output_inside_input(config)
     spec = get_model_spec(config.model)
@@ -54,7 +97,7 @@ def run(config: RunConfig) -> dict:
     run_id = _run_id(config, weights.sha256)
     committed = read_manifest(config.output, run_id)
     if committed is not None and not config.force:
-        print(f"segpipe: run {run_id} is already committed; nothing to do (--force redoes it)", flush=True)
+        print(f"segpipe: run {run_id} ({spec.name}) is already committed; nothing to do (--force redoes it)", flush=True)
         return committed
     processed = (
         processed_sources(
@@ -71,35 +114,50 @@ def run(config: RunConfig) -> dict:
     if not listing.shards and not listing.skipped_files:
         raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
     written = {} if config.force else _written_shards(config, run_id, listing.shards)
-    todo = [shard for shard in listing.shards if shard.shard_id not in written]
+    return _Plan(config, spec, weights, run_id, listing, processed, written)
+
+
+def _run_together(plans: list[_Plan]) -> list[dict]:
+    """Run ``plans`` (same shards) through one pipeline and commit each; returns their manifests."""
+    shards = plans[0].listing.shards
+    todo = [shard for shard in shards if any(shard.shard_id not in plan.written for plan in plans)]
     ray_startup_seconds = ensure_ray() if todo else 0.0
     started = time.monotonic()
-    shard_rows = dict(written)
+    rows: dict[str, dict[str, dict]] = {plan.run_id: dict(plan.written) for plan in plans}
     if todo:
-        device, actors, actor_resources = _plan_actors(config)
-        resumed = f" ({len(written)} already written by an interrupted attempt)" if written else ""
-        print(
-            f"segpipe: run {run_id}: {len(todo)} shards to do{resumed} from {display_uri(config.input)}, "
-            f"{spec.name} ({weights.source}) on {actors} {device} actor(s)",
-            flush=True,
-        )
-        shard_rows.update(_execute(config, run_id, todo, device, actors, actor_resources, ray.put(weights)))
+        device, actors, actor_resources = _plan_actors(plans[0].config)
+        for plan in plans:
+            resumed = f" ({len(plan.written)} already written by an interrupted attempt)" if plan.written else ""
+            print(
+                f"segpipe: run {plan.run_id}: {len(todo)} shards to do{resumed} from {display_uri(plan.config.input)}, "
+                f"{plan.spec.name} ({plan.weights.source}) on {actors} {device} actor(s)",
+                flush=True,
+            )
+        for row in _execute(plans, todo, device, actors, actor_resources):
+            rows[row["run_id"]][row["shard_id"]] = row
     seconds = time.monotonic() - started
-    remove_stale_shards(config.output, config.run_date, config.model, run_id, keep={shard.shard_id for shard in listing.shards})
-    manifest = _manifest(config, run_id, spec, weights, listing.shards, shard_rows)
+    return [_commit(plan, rows[plan.run_id], seconds, ray_startup_seconds, [other.run_id for other in plans if other is not plan])
+            for plan in plans]  # fmt: skip
+
+
+def _commit(plan: _Plan, shard_rows: dict[str, dict], seconds: float, ray_startup_seconds: float, decoded_with: list[str]) -> dict:
+    config, listing = plan.config, plan.listing
+    remove_stale_shards(config.output, config.run_date, config.model, plan.run_id, keep={shard.shard_id for shard in listing.shards})
+    manifest = _manifest(config, plan.run_id, plan.spec, plan.weights, listing.shards, shard_rows)
     manifest["ignored_files"] = listing.ignored_files
-    manifest["resumed_shards"] = len(written)
+    manifest["resumed_shards"] = len(plan.written)
+    manifest["decoded_with_runs"] = decoded_with
     manifest["skipped"] = {
         "files": listing.skipped_files,
         "images": listing.skipped_images,
-        "processed_by_runs": list(processed.run_ids) if processed else [],
+        "processed_by_runs": list(plan.processed.run_ids) if plan.processed else [],
     }
     manifest["sources_uri"] = write_sources(
-        config.output, run_id, listing.shards, {shard_id: row["images"] for shard_id, row in shard_rows.items()}
+        config.output, plan.run_id, listing.shards, {shard_id: row["images"] for shard_id, row in shard_rows.items()}
     )
     manifest["timings"] = {"seconds": round(seconds, 3), "ray_startup_seconds": round(ray_startup_seconds, 3)}
     manifest["committed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    return write_manifest(config.output, run_id, manifest)
+    return write_manifest(config.output, plan.run_id, manifest)
 
 
 def error_rate_exceeded(manifest: dict) -> str | None:
@@ -161,15 +219,11 @@ def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
 
 
 def _execute(
-    config: RunConfig,
-    run_id: str,
-    shards: list[Shard],
-    device: str,
-    actors: int,
-    actor_resources: dict,
-    weights: ray.ObjectRef,
-) -> dict[str, dict]:
-    """Run read -> infer -> write over every shard; returns each shard's summary row."""
+    plans: list[_Plan], shards: list[Shard], device: str, actors: int, actor_resources: dict
+) -> Iterator[dict]:
+    """Run read -> infer -> write over ``shards`` for every plan; yields one summary row per
+    (shard, run), as each is written."""
+    config = plans[0].config
     dataset = (
         ray.data.from_items([{"shard": shard.to_json()} for shard in shards], override_num_blocks=len(shards))
         .map_batches(
@@ -184,7 +238,12 @@ def _execute(
             batch_size=1,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=actors),
-            fn_constructor_kwargs={"config": config, "run_id": run_id, "device": device, "weights": weights},
+            fn_constructor_kwargs={
+                "configs": [plan.config for plan in plans],
+                "run_ids": [plan.run_id for plan in plans],
+                "device": device,
+                "weights": [ray.put(plan.weights) for plan in plans],
+            },
             **actor_resources,
         )
         .map_batches(
@@ -192,27 +251,25 @@ def _execute(
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=_IO_TASK_CPUS,
-            fn_kwargs={"output": config.output, "run_date": config.run_date, "model": config.model, "run_id": run_id},
+            fn_kwargs={"output": config.output, "run_date": config.run_date},
         )
     )
-    return _collect_with_progress(dataset.iter_rows(), len(shards))
+    return _with_progress(dataset.iter_rows(), len(shards) * len(plans))
 
 
-def _collect_with_progress(rows: Iterator[dict], total: int) -> dict[str, dict]:
-    """Each written shard's summary row; when stdout is no terminal (a log file, a scheduler),
-    one line per written shard stands in for Ray Data's progress bars."""
+def _with_progress(rows: Iterator[dict], total: int) -> Iterator[dict]:
+    """``rows``; when stdout is no terminal (a log file, a scheduler), one line per written
+    shard stands in for Ray Data's progress bars."""
     log_lines = not sys.stdout.isatty()
     started = time.monotonic()
-    written: dict[str, dict] = {}
-    for row in rows:
-        written[row["shard_id"]] = row
+    for done, row in enumerate(rows, start=1):
         if log_lines:
             print(
-                f"segpipe: shard {len(written)}/{total} written ({row['images']} images, {row['ok']} ok) "
+                f"segpipe: shard {done}/{total} written ({row['images']} images, {row['ok']} ok) "
                 f"after {time.monotonic() - started:.0f} s",
                 flush=True,
             )
-    return written
+        yield row
 
 
 def _manifest(

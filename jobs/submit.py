@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, join_spec
 from pipeline.errors import InputError
 
 SPEC_NAME = "segpipe-job.yaml"
@@ -44,17 +44,20 @@ def client(address: str | None) -> JobSubmissionClient:
         raise InputError(f"cannot reach a Ray cluster's job API at {address or '$RAY_ADDRESS'}: {error}") from None
 
 
-def submit(address: str | None, config: RunConfig) -> str:
-    """Submit ``segpipe run`` with ``config``; returns the job's submission id."""
+def submit(address: str | None, configs: list[RunConfig]) -> str:
+    """Submit ``segpipe run`` with the runs ``configs`` (one job spec); returns the job's submission id."""
     source = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="segpipe-submit-") as staging:
         for package in _PACKAGES:
             shutil.copytree(source / package, Path(staging) / package, ignore=shutil.ignore_patterns("__pycache__"))
-        (Path(staging) / SPEC_NAME).write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_none=True)))
+        (Path(staging) / SPEC_NAME).write_text(yaml.safe_dump(join_spec(configs)))
         return client(address).submit_job(
             entrypoint=f"python -m jobs.cli run --spec {SPEC_NAME}",
             runtime_env={"working_dir": staging},
-            metadata={"segpipe_model": config.model, "segpipe_run_date": config.run_date.isoformat()},
+            metadata={
+                "segpipe_models": ",".join(config.model for config in configs),
+                "segpipe_run_date": configs[0].run_date.isoformat(),
+            },
         )
 
 

@@ -1,7 +1,9 @@
 """The one configuration object of a run, shared by the CLI, YAML job specs and the manifest.
 
 Every field is a ``segpipe run`` flag (``files_per_shard`` is ``--files-per-shard``) and a key of
-a job spec; unknown keys are an error. ``{run_date}`` in ``input`` or ``output`` becomes the
+a job spec; unknown keys are an error. A job spec may list several models over the same input
+under ``models``, each entry setting only :data:`MODEL_FIELDS`; that is one run per model, which
+``segpipe run`` executes together so that each image is decoded once. ``{run_date}`` in ``input`` or ``output`` becomes the
 run date, ``2026-11-24``; ``{run_date:%Y/%m/%d}`` takes any ``strftime`` format. Credentials are
 never configuration: they come from the standard AWS variables, config files or instance roles
 of each machine.
@@ -15,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+MODEL_FIELDS = ("model", "weights", "score_threshold", "batch_size")
+"""What a ``models`` entry of a job spec may set; the rest is shared by all its runs."""
 _RUN_DATE_FIELD = re.compile(r"\{run_date(?::([^}]*))?\}")
 _TEMPLATED = ("input", "output")
 
@@ -79,3 +83,28 @@ class RunConfig(BaseModel):
         filled = {key: _RUN_DATE_FIELD.sub(lambda match: format(run_date, match.group(1) or "%Y-%m-%d"), values[key])
                   for key in _TEMPLATED if isinstance(values.get(key), str)}  # fmt: skip
         return {**values, **filled}
+
+
+def split_spec(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """A job spec's settings -> the settings of each run: one, or one per ``models`` entry
+    (the entry's keys over the shared ones)."""
+    if "models" not in values:
+        return [values]
+    shared = {key: value for key, value in values.items() if key != "models"}
+    entries = values["models"]
+    if not isinstance(entries, list) or not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError("models: a list of mappings, each with at least a model")
+    for number, entry in enumerate(entries):
+        unknown = set(entry) - set(MODEL_FIELDS)
+        if unknown:
+            raise ValueError(f"models[{number}]: unknown setting {sorted(unknown)[0]!r} (valid: {', '.join(MODEL_FIELDS)})")
+    return [{**shared, **entry} for entry in entries]
+
+
+def join_spec(configs: list[RunConfig]) -> dict[str, Any]:
+    """The job spec of ``configs`` (runs that differ only in :data:`MODEL_FIELDS`), as YAML-ready values."""
+    values = [config.model_dump(mode="json", exclude_none=True) for config in configs]
+    if len(values) == 1:
+        return values[0]
+    shared = {key: value for key, value in values[0].items() if key not in MODEL_FIELDS}
+    return {**shared, "models": [{key: run[key] for key in MODEL_FIELDS if key in run} for run in values]}

@@ -1,10 +1,11 @@
-"""Infer stage: the model actor. One shard row of compressed bytes in, one of table rows out.
+"""Infer stage: the model actor. One shard row of compressed bytes in, one row of table rows per model out.
 
-The model is built once per actor and loaded from the state_dict that the driver put in the
-Ray object store. ``__call__`` is a pure batch -> batch function under
-``torch.inference_mode()``: it decodes the shard's images a window at a time in a thread pool
-(the next window decodes while the model runs), runs the model on batches of up to
-``batch_size`` images of equal size, and encodes the results (:mod:`pipeline.encode`).
+The models (one per run; a job spec may list several over the same input) are built once per
+actor from the state_dicts that the driver put in the Ray object store. ``__call__`` is a pure
+batch -> batch function under ``torch.inference_mode()``: it decodes the shard's images a
+window at a time in a thread pool (the next window decodes while the models run), once for all
+models, runs each model on batches of up to its ``batch_size`` images of equal size, and
+encodes the results (:mod:`pipeline.encode`).
 
 Preprocessing, as ARCHITECTURE.md fixes it:
 - semantic: uint8 RGB, shorter side resized to 520 (bilinear, antialiased), scaled to [0, 1],
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +36,7 @@ import torch.nn.functional as nn_functional
 import torchvision.transforms.functional as tv_functional
 from torch import nn
 
-from models import Preprocessing, Weights, get_model_spec
+from models import ModelSpec, Preprocessing, Weights, get_model_spec
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image
 from pipeline.encode import Detections, instance_rows, semantic_rows
@@ -52,51 +54,70 @@ _DECODE_THREADS = 4
 _MASK_PROBABILITY_THRESHOLD = 0.5
 
 
-class SegmentShards:
-    """Ray Data callable class for ``map_batches``: columns ``shard_id``, ``images`` ->
-    ``shard_id``, ``images``, ``masks``, ``class_stats`` (one row per shard)."""
+@dataclass
+class LoadedModel:
+    """One model in the actor, with what it needs to turn pixels into table rows."""
 
-    def __init__(self, *, config: RunConfig, run_id: str, device: str, weights: ray.ObjectRef) -> None:
-        self.config = config
-        self.run_id = run_id
-        self.spec = get_model_spec(config.model)
+    config: RunConfig
+    run_id: str
+    spec: ModelSpec
+    categories: tuple[str, ...]
+    preprocessing: Preprocessing
+    model: nn.Module
+
+
+class SegmentShards:
+    """Ray Data callable class for ``map_batches``: columns ``shard_id``, ``images`` -> one row
+    per (shard, model) with ``shard_id``, ``run_id``, ``model``, ``images``, ``masks``,
+    ``class_stats``. Each image is decoded once, whatever the number of models; the runs
+    share ``input``, ``max_pixels`` and the device."""
+
+    def __init__(self, *, configs: list[RunConfig], run_ids: list[str], device: str, weights: list[ray.ObjectRef]) -> None:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, round(cpus)))
-        loaded: Weights = ray.get(weights)
-        self.categories = loaded.categories
-        self.preprocessing = loaded.preprocessing
-        model = loaded.build(self.spec)
-        if self.spec.task != "semantic":
-            # torchvision drops boxes under its own 0.05 before ours; a lower --score-threshold must win.
-            model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
-        self.model = model.to(self.device).eval()
+        self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
+        self.max_pixels = configs[0].max_pixels
+        self.window = 4 * max(config.batch_size for config in configs)
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="decode")
 
+    def _load(self, config: RunConfig, run_id: str, weights: Weights) -> LoadedModel:
+        spec = get_model_spec(config.model)
+        model = weights.build(spec)
+        if spec.task != "semantic":
+            # torchvision drops boxes under its own 0.05 before ours; a lower --score-threshold must win.
+            model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
+        return LoadedModel(config, run_id, spec, weights.categories, weights.preprocessing, model.to(self.device).eval())
+
     def __call__(self, batch: pa.Table) -> pa.Table:
-        columns: dict[str, list[pa.Array]] = defaultdict(list)
+        columns: dict[str, list] = defaultdict(list)
         with torch.inference_mode():
             for shard_id, cell in zip(batch.column("shard_id").to_pylist(), batch.column("images")):
-                images, masks, stats = self._segment_shard(shard_id, unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist())
-                columns["images"].append(nest(rows_to_table(images, IMAGES_SCHEMA)))
-                columns["masks"].append(nest(rows_to_table(masks, MASKS_SCHEMA)))
-                columns["class_stats"].append(nest(rows_to_table(stats, CLASS_STATS_SCHEMA)))
-        return pa.table({"shard_id": batch.column("shard_id"), **{k: pa.concat_arrays(v) for k, v in columns.items()}})
+                per_model = self._segment_shard(shard_id, unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist())
+                for loaded, (images, masks, stats) in zip(self.models, per_model):
+                    columns["shard_id"].append(shard_id)
+                    columns["run_id"].append(loaded.run_id)
+                    columns["model"].append(loaded.config.model)
+                    columns["images"].append(nest(rows_to_table(images, IMAGES_SCHEMA)))
+                    columns["masks"].append(nest(rows_to_table(masks, MASKS_SCHEMA)))
+                    columns["class_stats"].append(nest(rows_to_table(stats, CLASS_STATS_SCHEMA)))
+        tables = {name: pa.concat_arrays(columns[name]) for name in ("images", "masks", "class_stats")}
+        return pa.table({name: columns[name] for name in ("shard_id", "run_id", "model")} | tables)
 
-    def _segment_shard(self, shard_id: str, images: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
-        """Rows of the three tables for one shard's images, ``images`` rows in input order."""
-        outcome: dict[int, dict] = {}
-        mask_rows: list[dict] = []
-        stat_rows: list[dict] = []
+    def _segment_shard(self, shard_id: str, images: list[dict]) -> list[tuple[list[dict], list[dict], list[dict]]]:
+        """Rows of the three tables for one shard's images, per model; ``images`` rows in input order."""
+        outcomes: list[dict[int, dict]] = [{} for _ in self.models]
+        mask_rows: list[list[dict]] = [[] for _ in self.models]
+        stat_rows: list[list[dict]] = [[] for _ in self.models]
         readable = []
         for index, image in enumerate(images):
             if image["error_type"] is None:
                 readable.append(index)
             else:  # the read stage could not get its bytes
-                outcome[index] = _error(image["error_type"], image["error_message"])
-        window = 4 * self.config.batch_size
-        windows = [readable[start : start + window] for start in range(0, len(readable), window)]
+                for outcome in outcomes:
+                    outcome[index] = _error(image["error_type"], image["error_message"])
+        windows = [readable[start : start + self.window] for start in range(0, len(readable), self.window)]
         pending = self._decode_async(images, windows[0]) if windows else []
         for number, indices in enumerate(windows):
             decoded = {index: future.result() for index, future in zip(indices, pending)}
@@ -104,50 +125,59 @@ class SegmentShards:
             pixels: dict[int, np.ndarray] = {}
             for index, result in decoded.items():
                 if isinstance(result, DecodeError):
-                    outcome[index] = _error(result.error_type, str(result))
+                    for outcome in outcomes:
+                        outcome[index] = _error(result.error_type, str(result))
                 else:
                     pixels[index] = result
-            for index, result in self._predict(pixels).items():
-                if isinstance(result, Exception):
-                    error_type = "out_of_memory" if isinstance(result, torch.OutOfMemoryError) else "inference_error"
-                    outcome[index] = _error(error_type, f"{type(result).__name__}: {result}")
-                    continue
-                masks, stats = result
-                height, width = pixels[index].shape[:2]
-                outcome[index] = {"status": "ok", "width": width, "height": height, "n_masks": len(masks)}
-                key = {"run_id": self.run_id, "image_id": images[index]["image_id"]}
-                mask_rows += [{**key, "uri": images[index]["uri"], **row} for row in masks]
-                stat_rows += [{**key, **row} for row in stats]
-        image_rows = [
-            {
-                "run_id": self.run_id,
-                "image_id": image["image_id"],
-                "uri": image["uri"],
-                "shard_id": shard_id,
-                "size_bytes": image["size_bytes"],
-                **outcome[index],
-            }
-            for index, image in enumerate(images)
+            for loaded, outcome, masks_of_model, stats_of_model in zip(self.models, outcomes, mask_rows, stat_rows):
+                for index, result in self._predict(loaded, pixels).items():
+                    if isinstance(result, Exception):
+                        error_type = "out_of_memory" if isinstance(result, torch.OutOfMemoryError) else "inference_error"
+                        outcome[index] = _error(error_type, f"{type(result).__name__}: {result}")
+                        continue
+                    masks, stats = result
+                    height, width = pixels[index].shape[:2]
+                    outcome[index] = {"status": "ok", "width": width, "height": height, "n_masks": len(masks)}
+                    key = {"run_id": loaded.run_id, "image_id": images[index]["image_id"]}
+                    masks_of_model += [{**key, "uri": images[index]["uri"], **row} for row in masks]
+                    stats_of_model += [{**key, **row} for row in stats]
+        return [
+            (
+                [
+                    {
+                        "run_id": loaded.run_id,
+                        "image_id": image["image_id"],
+                        "uri": image["uri"],
+                        "shard_id": shard_id,
+                        "size_bytes": image["size_bytes"],
+                        **outcome[index],
+                    }
+                    for index, image in enumerate(images)
+                ],
+                masks_of_model,
+                stats_of_model,
+            )
+            for loaded, outcome, masks_of_model, stats_of_model in zip(self.models, outcomes, mask_rows, stat_rows)
         ]
-        return image_rows, mask_rows, stat_rows
 
     def _decode_async(self, images: list[dict], indices: list[int]) -> list[Future]:
-        return [self.decoder.submit(_decode_or_error, images[index]["data"], self.config.max_pixels) for index in indices]
+        return [self.decoder.submit(_decode_or_error, images[index]["data"], self.max_pixels) for index in indices]
 
-    def _predict(self, pixels: dict[int, np.ndarray]) -> dict[int, tuple[list[dict], list[dict]] | Exception]:
+    def _predict(self, loaded: LoadedModel, pixels: dict[int, np.ndarray]) -> dict[int, tuple[list[dict], list[dict]] | Exception]:
         """Rows per image (or the exception it failed with), batching images of equal size."""
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, image in pixels.items():
             by_size[image.shape].append(index)
         results: dict[int, tuple[list[dict], list[dict]] | Exception] = {}
+        batch_size = loaded.config.batch_size
         for indices in by_size.values():
-            for start in range(0, len(indices), self.config.batch_size):
-                self._predict_isolating_failures(indices[start : start + self.config.batch_size], pixels, results)
+            for start in range(0, len(indices), batch_size):
+                self._predict_isolating_failures(loaded, indices[start : start + batch_size], pixels, results)
         return results
 
-    def _predict_isolating_failures(self, chunk: list[int], pixels: dict[int, np.ndarray], results: dict) -> None:
+    def _predict_isolating_failures(self, loaded: LoadedModel, chunk: list[int], pixels: dict[int, np.ndarray], results: dict) -> None:
         try:
-            results.update(zip(chunk, self._predict_batch([pixels[index] for index in chunk])))
+            results.update(zip(chunk, self._predict_batch(loaded, [pixels[index] for index in chunk])))
         except Exception as error:  # noqa: BLE001 - isolate what fails, keep the rest
             if len(chunk) == 1:
                 results[chunk[0]] = error
@@ -159,17 +189,17 @@ class SegmentShards:
             else:
                 halves = [[index] for index in chunk]
             for half in halves:
-                self._predict_isolating_failures(half, pixels, results)
+                self._predict_isolating_failures(loaded, half, pixels, results)
 
-    def _predict_batch(self, images: list[np.ndarray]) -> list[tuple[list[dict], list[dict]]]:
+    def _predict_batch(self, loaded: LoadedModel, images: list[np.ndarray]) -> list[tuple[list[dict], list[dict]]]:
         batch = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images]).to(self.device)
-        if self.spec.task == "semantic":
-            class_maps = predict_class_maps(self.model, batch, self.preprocessing)
-            return [semantic_rows(class_map, self.categories) for class_map in class_maps]
+        if loaded.spec.task == "semantic":
+            class_maps = predict_class_maps(loaded.model, batch, loaded.preprocessing)
+            return [semantic_rows(class_map, loaded.categories) for class_map in class_maps]
         height, width = batch.shape[-2:]
         return [
-            instance_rows(detections, self.categories, height=height, width=width)
-            for detections in predict_detections(self.model, batch, self.config.score_threshold)
+            instance_rows(detections, loaded.categories, height=height, width=width)
+            for detections in predict_detections(loaded.model, batch, loaded.config.score_threshold)
         ]
 
 

@@ -37,12 +37,14 @@ def shard_file(output: str, table: str, run_date: dt.date, model: str, shard_id:
     return f"{partition_path(output, table, run_date, model)}/part-{shard_id}.parquet"
 
 
-def write_shards(batch: pa.Table, *, output: str, run_date: dt.date, model: str, run_id: str) -> pa.Table:
-    """Ray Data batch function: shard rows of nested table rows -> one summary row per shard
-    (see :func:`shard_summary`). Every file is stamped with ``run_id`` in its Parquet metadata."""
+def write_shards(batch: pa.Table, *, output: str, run_date: dt.date) -> pa.Table:
+    """Ray Data batch function: rows of one shard's nested table rows for one run (columns
+    ``shard_id``, ``run_id``, ``model`` and the tables) -> one summary row each (see
+    :func:`shard_summary`, plus ``run_id``). Every file is stamped with its ``run_id`` in its
+    Parquet metadata."""
     summaries = []
     for row in range(batch.num_rows):
-        shard_id = batch.column("shard_id")[row].as_py()
+        shard_id, run_id, model = (batch.column(name)[row].as_py() for name in ("shard_id", "run_id", "model"))
         tables = {name: unnest(batch.column(name)[row], schema) for name, schema in TABLE_SCHEMAS.items()}
         written = sum(
             write_object(
@@ -51,7 +53,7 @@ def write_shards(batch: pa.Table, *, output: str, run_date: dt.date, model: str,
             )
             for name in WRITE_ORDER
         )
-        summaries.append(shard_summary(shard_id, tables["images"], tables["masks"], written))
+        summaries.append({"run_id": run_id, **shard_summary(shard_id, tables["images"], tables["masks"], written)})
     return pa.Table.from_pylist(summaries)
 
 

@@ -50,12 +50,12 @@ class MemoryLimitedSegmentShards(SegmentShards):
     """The model actor with its model on a :class:`DeviceWithRoomFor` ``capacity`` pixels."""
 
     def __init__(self, *, capacity: int, weights: Weights, **kwargs) -> None:
-        # Ray hands an actor the value of an ObjectRef argument; the pipeline's actor expects the ref
-        super().__init__(weights=ray.put(weights), **kwargs)
-        self.model = DeviceWithRoomFor(self.model, capacity)
+        # Ray hands an actor the value of an ObjectRef argument; the pipeline's actor expects refs
+        super().__init__(weights=[ray.put(weights)], **kwargs)
+        self.models[0].model = DeviceWithRoomFor(self.models[0].model, capacity)
 
     def batch_sizes(self) -> list[int]:
-        return self.model.batch_sizes
+        return self.models[0].model.batch_sizes
 
 
 def _shard_batch(directory: Path, config: RunConfig) -> pa.Table:
@@ -66,7 +66,7 @@ def _shard_batch(directory: Path, config: RunConfig) -> pa.Table:
 def _segment(config: RunConfig, batch: pa.Table, capacity: int | None) -> tuple[list[dict], list[dict], list[int]]:
     weights = ray.put(resolve_weights("random", get_model_spec(config.model)))
     actor = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(
-        capacity=capacity or 1 << 62, config=config, run_id="test", device="cpu", weights=weights
+        capacity=capacity or 1 << 62, configs=[config], run_ids=["test"], device="cpu", weights=weights
     )
     out = ray.get(actor.__call__.remote(batch))
     images = unnest(out.column("images")[0], IMAGES_SCHEMA).to_pylist()
