@@ -1,6 +1,7 @@
-"""Photo-like JPEG corpora for the benchmarks: crops and rescales of scikit-image's photos.
+"""JPEG corpora for the benchmarks: photo-like crops and rescales of scikit-image's photos, or
+synthetic shapes (what the shipped ``shapes`` weights segment correctly).
 
-Decode cost depends on content, so the images are real photo content, not smooth noise; the
+Decode cost depends on content, so the photos are real photo content, not smooth noise; the
 same ``seed`` gives the same bytes.
 """
 
@@ -12,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from jobs.sample import encode, photos
+from jobs.synth import render
 
 
 def write_jpegs(directory: Path, *, count: int, width: int, height: int, seed: int = 0, quality: int = 90) -> Path:
@@ -31,6 +33,19 @@ def write_jpegs(directory: Path, *, count: int, width: int, height: int, seed: i
         image = crop.resize((width, height), Image.Resampling.BILINEAR)
         (directory / f"image-{index:06d}.jpg").write_bytes(encode(image, "JPEG", quality=quality))
     return directory
+
+
+def write_shapes(directory: Path, *, count: int, width: int, height: int, seed: int = 0, quality: int = 90) -> Path:
+    """``count`` JPEGs of synthetic shapes, ``width`` x ``height``, under ``directory``; returns it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        pixels, _, _ = render(np.random.default_rng([seed, index]), max(width, height))
+        image = Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
+        (directory / f"shapes-{index:06d}.jpg").write_bytes(encode(image, "JPEG", quality=quality))
+    return directory
+
+
+CORPORA = {"photos": write_jpegs, "shapes": write_shapes}
 
 
 def parse_size(text: str) -> tuple[int, int]:

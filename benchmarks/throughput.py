@@ -1,8 +1,8 @@
 """End-to-end throughput against the model alone and against a plain Ray Data script.
 
 ``python -m benchmarks.throughput --model NAME --count N --size WxH --device cpu|cuda [--json]``
-writes N photo-like JPEGs (:mod:`benchmarks.corpus`) to local disk and measures, in one run,
-with random weights:
+writes N photo-like JPEGs (:mod:`benchmarks.corpus`; ``--corpus shapes`` for synthetic shapes)
+to local disk and measures, in one run, with random weights (or ``--weights``):
 
 - **model-only**: forward passes (plus the argmax for semantic models) on tensors already on
   the device, with the shapes, batch size and precision the pipeline uses;
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as nn_functional
 import torchvision.transforms.functional as tv_functional
 
-from benchmarks.corpus import parse_size, write_jpegs
+from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
 from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
@@ -57,10 +57,10 @@ def resized(width: int, height: int, preprocessing: Preprocessing) -> tuple[int,
     return (preprocessing.resize_shorter, int(width * scale)) if height <= width else (int(height * scale), preprocessing.resize_shorter)
 
 
-def model_only(model_name: str, *, count: int, width: int, height: int, device: str, batch_size: int) -> dict:
+def model_only(model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int) -> dict:
     """Images/s of the model alone on device-resident inputs, and its peak device memory."""
     spec = get_model_spec(model_name)
-    weights = resolve_weights("random", spec)
+    weights = resolve_weights(weights_spec, spec)
     model = weights.build(spec).to(device).eval()
     if spec.task == "semantic":
         inputs = torch.randn(batch_size, 3, *resized(width, height, weights.preprocessing), device=device)
@@ -123,9 +123,9 @@ class GpuSampler:
         return {"gpu_busy_percent": float(np.mean(self.utilisation)), "peak_gpu_memory_mib": max(self.memory_mib)}
 
 
-def end_to_end(directory: Path, output: Path, model_name: str, *, device: str, batch_size: int) -> dict:
+def end_to_end(directory: Path, output: Path, model_name: str, weights: str, *, device: str, batch_size: int) -> dict:
     """Images/s of ``segpipe run`` from the files to the committed manifest (Ray already started)."""
-    config = RunConfig(input=str(directory), output=str(output), model=model_name, weights="random", device=device,
+    config = RunConfig(input=str(directory), output=str(output), model=model_name, weights=weights, device=device,
                        batch_size=batch_size, run_date=dt.date(2026, 1, 1), max_error_rate=1.0)  # fmt: skip
     sampler = GpuSampler() if device == "cuda" and shutil.which("nvidia-smi") else None
     started = time.perf_counter()
@@ -163,10 +163,10 @@ def _baseline_preprocess(batch: dict[str, np.ndarray], *, preprocessing: Preproc
 class BaselinePredictor:
     """The docs' predictor class: model built once, argmax on the device, predictions to numpy."""
 
-    def __init__(self, model_name: str, device: str) -> None:
+    def __init__(self, model_name: str, weights: str, device: str) -> None:
         spec = get_model_spec(model_name)
         self.device = device
-        self.model = resolve_weights("random", spec).build(spec).to(device).eval()
+        self.model = resolve_weights(weights, spec).build(spec).to(device).eval()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
@@ -181,20 +181,20 @@ def _baseline_postprocess(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     return {"mask": tv_functional.resize(maps, [height, width], interpolation=tv_functional.InterpolationMode.NEAREST)[:, 0].numpy()}
 
 
-def baseline(directory: Path, output: Path, model_name: str, *, device: str, batch_size: int) -> dict | None:
+def baseline(directory: Path, output: Path, model_name: str, weights: str, *, device: str, batch_size: int) -> dict | None:
     """Images/s of a plain Ray Data batch-inference script on the same files, or ``None`` for
     instance and detection models (not written)."""
     spec = get_model_spec(model_name)
     if spec.task != "semantic":
         return None
-    preprocessing = resolve_weights("random", spec).preprocessing
+    preprocessing = resolve_weights(weights, spec).preprocessing
     gpus = 1 if device == "cuda" else 0
     cpus = max(1.0, ray.cluster_resources().get("CPU", 2) - 1) if device == "cpu" else 1
     started = time.perf_counter()
     (
         ray.data.read_images(str(directory), mode="RGB")
         .map_batches(_baseline_preprocess, fn_kwargs={"preprocessing": preprocessing}, batch_size=batch_size)
-        .map_batches(BaselinePredictor, fn_constructor_kwargs={"model_name": model_name, "device": device},
+        .map_batches(BaselinePredictor, fn_constructor_kwargs={"model_name": model_name, "weights": weights, "device": device},
                      compute=ray.data.ActorPoolStrategy(size=max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1),
                      num_gpus=gpus, num_cpus=cpus if not gpus else 1, batch_size=batch_size)  # fmt: skip
         .map_batches(_baseline_postprocess, batch_size=batch_size)
@@ -210,15 +210,19 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(model_name: str, *, count: int, width: int, height: int, device: str, batch_size: int, workdir: Path) -> dict:
+def measure(
+    model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int, workdir: Path
+) -> dict:
     """Every figure of one benchmark run, as the ``--json`` object."""
-    images = write_jpegs(workdir / "images", count=count, width=width, height=height)
+    images = CORPORA[corpus](workdir / "images", count=count, width=width, height=height)
     ray_startup = ensure_ray()
-    only = model_only(model_name, count=count, width=width, height=height, device=device, batch_size=batch_size)
-    whole = end_to_end(images, workdir / "segpipe-out", model_name, device=device, batch_size=batch_size)
-    plain = baseline(images, workdir / "baseline-out", model_name, device=device, batch_size=batch_size)
+    only = model_only(model_name, weights, count=count, width=width, height=height, device=device, batch_size=batch_size)
+    whole = end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device, batch_size=batch_size)
+    plain = baseline(images, workdir / "baseline-out", model_name, weights, device=device, batch_size=batch_size)
     return {
         "model": model_name,
+        "weights": weights,
+        "corpus": corpus,
         "count": count,
         "size": f"{width}x{height}",
         "device": device,
@@ -250,13 +254,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=parse_size, default=(1024, 768), metavar="WxH", help="image size (default 1024x768)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--weights", default="random", help="as segpipe run takes them (default: random)")
+    parser.add_argument("--corpus", choices=sorted(CORPORA), default="photos", help="photos (default) or synthetic shapes")
     parser.add_argument("--workdir", type=Path, help="where the JPEGs and outputs go (default: a temporary folder)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
     width, height = args.size
-    result = measure(args.model, count=args.count, width=width, height=height, device=args.device,
-                     batch_size=args.batch_size, workdir=workdir)  # fmt: skip
+    result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
+                     device=args.device, batch_size=args.batch_size, workdir=workdir)  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return

@@ -43,14 +43,16 @@ def test_written_files_have_the_exact_schema_even_when_empty(tmp_path: Path) -> 
     batch = pa.table(
         {
             "shard_id": ["s1"],
+            "run_id": ["r"],
+            "model": ["m"],
             "images": nest(rows_to_table([image], IMAGES_SCHEMA)),
             "masks": nest(MASKS_SCHEMA.empty_table()),
             "class_stats": nest(TABLE_SCHEMAS["class_stats"].empty_table()),
         }
     )
     date = dt.date(2026, 1, 2)
-    summary = write_shards(batch, output=str(tmp_path), run_date=date, model="m", run_id="r").to_pylist()
-    assert summary[0]["images"] == 1 and summary[0]["ok"] == 0
+    summary = write_shards(batch, output=str(tmp_path), run_date=date).to_pylist()
+    assert summary[0]["images"] == 1 and summary[0]["ok"] == 0 and summary[0]["run_id"] == "r"
     for table, schema in TABLE_SCHEMAS.items():
         path = shard_file(str(tmp_path), table, date, "m", "s1")
         assert path.endswith(f"/{table}/run_date=2026-01-02/model=m/part-s1.parquet")

@@ -1,0 +1,43 @@
+"""The benchmark harness runs end to end and reports what BENCHMARKS.md records (speed itself is
+measured there, not asserted here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.corpus import write_jpegs
+from benchmarks.memory import tree_pss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_corpora_are_deterministic_photo_content(tmp_path: Path) -> None:
+    first = write_jpegs(tmp_path / "a", count=3, width=160, height=120)
+    second = write_jpegs(tmp_path / "b", count=3, width=160, height=120)
+    assert [path.read_bytes() for path in sorted(first.iterdir())] == [path.read_bytes() for path in sorted(second.iterdir())]
+    assert len({path.read_bytes() for path in first.iterdir()}) == 3
+
+
+def test_tree_pss_counts_this_process() -> None:
+    assert tree_pss(os.getpid()) > 10 << 20
+
+
+@pytest.mark.slow
+def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--model", "unet", "--weights", "shapes", "--corpus", "shapes",
+         "--count", "8", "--size", "128x96", "--device", "cpu", "--workdir", str(tmp_path), "--json"],
+        cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("model_only_ips", "end_to_end_ips", "baseline_ips", "ratio_model", "ratio_baseline", "bytes_per_image"):
+        assert isinstance(figures[key], float) and figures[key] > 0, key
+    assert figures["ok_images"] == 8 and figures["raw_class_map_bytes_per_rle_byte"] > 1
