@@ -1,9 +1,11 @@
 """The ``segpipe run`` job: compose the pipeline stages into one Ray Data pipeline and commit.
 
 list (driver) -> read (CPU tasks) -> decode + infer + encode (model actor pool) -> write (CPU
-tasks) -> manifest (driver). Rows between stages are whole shards, so the shard stays the unit
-of work, retry and commit. The weights are resolved once on the driver and reach the actors
-through the Ray object store; credentials never travel: each node reads its own.
+tasks) -> manifest (driver). Rows between stages are whole shards (after the actors, one row
+per shard and run), so the shard stays the unit of work, retry and commit. Several runs over
+the same shards (a job spec's ``models``) share one pipeline: one read and one decode per
+image. The weights are resolved once on the driver and reach the actors through the Ray object
+store; credentials never travel: each node reads its own.
 """
 
 from __future__ import annotations
