@@ -133,10 +133,20 @@ def list_shards(
 
 
 def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[dict] | None:
-    """The file infos under ``root`` (or of ``root`` itself, a file), or ``None`` if nothing is there."""
-    if not fs.exists(root):
+    """The file infos under ``root`` (or of ``root`` itself, a file), or ``None`` if nothing is there.
+
+    Listing comes first: on object stores, asking about a prefix as if it were an object can be
+    refused (403) to a job that may list the bucket but read only some of it."""
+    try:
+        found = [info for info in fs.find(root, detail=True, withdirs=False).values() if info.get("type") != "directory"]
+        if found and not (len(found) == 1 and found[0]["name"].rstrip("/") == root.rstrip("/")):
+            return found
+        info = fs.info(root)
+    except FileNotFoundError:
         return None
-    return [fs.info(root)] if fs.isfile(root) else list(fs.find(root, detail=True, withdirs=False).values())
+    except PermissionError as error:
+        raise InputError(f"not allowed to list {fs.unstrip_protocol(root)}: {error}") from None
+    return [info] if info.get("type") == "file" else None
 
 
 def _processed_keys(sources: list[Source], processed: ProcessedSources) -> tuple[set[str], int]:

@@ -7,6 +7,7 @@ workers find them exactly as they would on a cluster node.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -61,8 +62,9 @@ class SeaweedFS:
     names = ("master", "volume", "filer", "s3", "webdav", "admin")
     grpc_names = ("master", "volume", "filer", "s3", "admin")
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, identities: list[dict] | None = None) -> None:
         self.directory = directory
+        self.identities = identities
         ports = _free_ports(len(self.names) + len(self.grpc_names))
         self.flags = [f"-{name}.port={port}" for name, port in zip(self.names, ports)]
         self.flags += [f"-{name}.port.grpc={port}" for name, port in zip(self.grpc_names, ports[len(self.names) :])]
@@ -72,10 +74,17 @@ class SeaweedFS:
 
     def start(self) -> None:
         environment = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY}
+        flags = list(self.flags)
+        if self.identities is not None:  # the test's own key is the admin, next to the identities given
+            admin = {"name": "admin", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}  # fmt: skip
+            config = self.directory / "s3.json"
+            config.write_text(json.dumps({"identities": [admin, *self.identities]}))
+            flags.append(f"-s3.config={config}")
         with open(self.log, "ab") as log_file:
             self.process = subprocess.Popen(
                 [
-                    WEED, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *self.flags,
+                    WEED, "mini", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *flags,
                     "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
                 ],
                 stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True,
@@ -144,11 +153,13 @@ def ray_local(s3_endpoint: str) -> Iterator[None]:
 
 
 @pytest.fixture
-def private_s3(tmp_path: Path) -> Iterator[SeaweedFS]:
-    """A SeaweedFS server of this test's own, which the test may stop and start again."""
+def private_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SeaweedFS]:
+    """A SeaweedFS server of this test's own, which the test may stop and start again; with
+    ``@pytest.mark.parametrize("private_s3", [IDENTITIES], indirect=True)``, one that also
+    knows those S3 identities (SeaweedFS's ``-s3.config`` format)."""
     directory = tmp_path / "seaweedfs"
     directory.mkdir()
-    server = SeaweedFS(directory)
+    server = SeaweedFS(directory, getattr(request, "param", None))
     try:
         server.start()
         yield server

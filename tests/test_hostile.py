@@ -142,3 +142,38 @@ def test_a_decompression_bomb_does_not_raise_peak_memory(tmp_path: Path, width: 
     error_type, grown_kib = probe.stdout.split()
     assert error_type == "too_many_pixels"
     assert int(grown_kib) < 200 * 1024  # ru_maxrss is in KiB on Linux
+
+
+RUNNER = {"name": "runner", "credentials": [{"accessKey": "segpipe-runner", "secretKey": "runner-secret-5eed"}],
+          "actions": ["List:archive", "Read:archive/photos/open/*", "List:results", "Read:results", "Write:results"]}  # fmt: skip
+
+
+@pytest.mark.parametrize("private_s3", [[RUNNER]], indirect=True)
+def test_objects_the_job_may_not_read_are_read_error_rows(private_s3, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import s3fs
+
+    admin = s3fs.S3FileSystem(endpoint_url=private_s3.endpoint, key=private_s3.environment()["AWS_ACCESS_KEY_ID"],
+                              secret=private_s3.environment()["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)  # fmt: skip
+    admin.mkdir("archive")
+    admin.mkdir("results")
+    for folder in ("open", "closed"):
+        admin.pipe(f"archive/photos/{folder}/coffee.jpg", encode(photos()["coffee"][::8, ::8], "JPEG"))
+    runner = {**private_s3.environment(), "AWS_ACCESS_KEY_ID": "segpipe-runner", "AWS_SECRET_ACCESS_KEY": "runner-secret-5eed"}
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))} | runner
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("segpipe")), "run", "--input", "s3://archive/photos", "--output", "s3://results/out",
+         "--model", "lraspp_mobilenet_v3_large", "--weights", "random", "--max-error-rate", "0.5"],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "runner-secret-5eed" not in result.stdout + result.stderr
+    connection = duckdb.connect()
+    connection.register_filesystem(admin)
+    rows = connection.sql("SELECT uri, status, error_type, error_message FROM read_parquet('s3://results/out/images/**/*.parquet') ORDER BY uri").fetchall()
+    (closed, opened) = rows
+    assert closed[:3] == ("s3://archive/photos/closed/coffee.jpg", "error", "read_error") and "PermissionError" in closed[3]
+    assert opened[:2] == ("s3://archive/photos/open/coffee.jpg", "ok")

@@ -66,7 +66,7 @@ def test_which_errors_are_transient(error: BaseException, transient: bool) -> No
 def test_the_cli_reports_a_store_that_stays_down_in_one_line(monkeypatch, capsys, tmp_path) -> None:
     from jobs.cli import main
 
-    monkeypatch.setattr(storage, "RETRY_SECONDS", 3.0)
+    monkeypatch.setattr(storage, "RETRY_SECONDS", 8.0)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-for-logs")
