@@ -37,7 +37,6 @@ import numpy as np
 import ray
 import ray.data
 import torch
-import torch.nn.functional as nn_functional
 import torchvision.transforms.functional as tv_functional
 
 from benchmarks.corpus import CORPORA, parse_size
@@ -188,15 +187,17 @@ def baseline(directory: Path, output: Path, model_name: str, weights: str, *, de
     if spec.task != "semantic":
         return None
     preprocessing = resolve_weights(weights, spec).preprocessing
-    gpus = 1 if device == "cuda" else 0
-    cpus = max(1.0, ray.cluster_resources().get("CPU", 2) - 1) if device == "cpu" else 1
+    resources = ray.cluster_resources()
+    if device == "cuda":
+        actors, actor_resources = max(1, int(resources.get("GPU", 0))), {"num_gpus": 1, "num_cpus": 1}
+    else:  # as segpipe does: one actor, on the CPUs that one read/write task leaves
+        actors, actor_resources = 1, {"num_cpus": max(1.0, resources.get("CPU", 2) - 1)}
     started = time.perf_counter()
     (
         ray.data.read_images(str(directory), mode="RGB")
         .map_batches(_baseline_preprocess, fn_kwargs={"preprocessing": preprocessing}, batch_size=batch_size)
         .map_batches(BaselinePredictor, fn_constructor_kwargs={"model_name": model_name, "weights": weights, "device": device},
-                     compute=ray.data.ActorPoolStrategy(size=max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1),
-                     num_gpus=gpus, num_cpus=cpus if not gpus else 1, batch_size=batch_size)  # fmt: skip
+                     compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, **actor_resources)  # fmt: skip
         .map_batches(_baseline_postprocess, batch_size=batch_size)
         .write_parquet(str(output))
     )

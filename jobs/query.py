@@ -13,7 +13,6 @@ import datetime as dt
 import io
 import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
 import fsspec
@@ -22,11 +21,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.commit import read_manifests
 from pipeline.errors import InputError
 from pipeline.schema import TABLE_SCHEMAS
-from pipeline.storage import absolute_uri, read_object, retrying
+from pipeline.storage import absolute_uri, retrying
 
-_READ_THREADS = 16
 RUNS_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
@@ -75,18 +74,9 @@ def connect(output: str) -> duckdb.DuckDBPyConnection:
     return connection
 
 
-def manifests(output: str) -> list[dict]:
-    """Every committed run manifest under ``output``, oldest run date first, then in commit order."""
-    fs, root = fsspec.core.url_to_fs(output)
-    paths = retrying(lambda: fs.glob(f"{root}/_runs/*.json"), f"listing {output}/_runs")
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        found = list(pool.map(lambda path: json.loads(read_object(fs.unstrip_protocol(path))), paths))
-    return sorted(found, key=lambda manifest: (manifest["config"]["run_date"], manifest.get("committed_at", ""), manifest["run_id"]))
-
-
 def runs_table(output: str) -> pa.Table:
     rows = []
-    for manifest in manifests(output):
+    for manifest in read_manifests(output):
         counts, seconds = manifest["counts"], manifest["timings"]["seconds"]
         rows.append(
             {

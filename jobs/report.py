@@ -21,8 +21,9 @@ import pycocotools.mask as coco_mask
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from jobs.query import connect, manifests
+from jobs.query import connect
 from pipeline.decode import DecodeError, decode_image
+from pipeline.commit import read_manifests
 from pipeline.errors import InputError
 from pipeline.read import read_image_bytes
 from pipeline.storage import absolute_uri
@@ -44,7 +45,7 @@ def write_report(output: str, out: str, *, run_date: str | None = None, model: s
 
 def select_run(output: str, *, run_date: str | None, model: str | None) -> dict:
     """The latest committed run under ``output`` with this run date and model (when given)."""
-    runs = manifests(absolute_uri(output))
+    runs = read_manifests(absolute_uri(output))
     matching = [
         manifest
         for manifest in runs

@@ -62,6 +62,25 @@ def awkward_images() -> dict[str, bytes]:
     }
 
 
+def tar_of(members: dict[str, bytes]) -> bytes:
+    """A WebDataset-style tar holding ``members`` (name -> bytes), in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def shape_pngs(count: int, *, seed: int, size: int) -> dict[str, bytes]:
+    """``count`` synthetic shape images (``segpipe synth``'s renderer), PNG by file name."""
+    return {
+        f"shapes-{index:02d}.png": encode(render(np.random.default_rng([seed, index]), size)[0], "PNG")
+        for index in range(count)
+    }
+
+
 def truncated_jpeg() -> bytes:
     data = encode(photos()["astronaut"], "JPEG", quality=90)
     return data[: len(data) // 3]
@@ -76,18 +95,13 @@ def build_sample(directory: Path) -> None:
         (loose / name).write_bytes(data)
     shards = directory / "shards"
     shards.mkdir(exist_ok=True)
-    with tarfile.open(shards / "photos-000000.tar", "w") as tar:
-        for name, data in jpegs.items():
-            member = tarfile.TarInfo(f"sample-{name}")
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
+    (shards / "photos-000000.tar").write_bytes(tar_of({f"sample-{name}": data for name, data in jpegs.items()}))
     table = pa.table({"key": list(jpegs), "image": pa.array(list(jpegs.values()), type=pa.binary())})
     pq.write_table(table, shards / "photos-000001.parquet")
     shapes = directory / "shapes"
     shapes.mkdir(exist_ok=True)
-    for index in range(SHAPE_IMAGES):
-        pixels, _, _ = render(np.random.default_rng([SHAPES_SEED, index]), 192)
-        (shapes / f"shapes-{index:02d}.png").write_bytes(encode(pixels, "PNG"))
+    for name, data in shape_pngs(SHAPE_IMAGES, seed=SHAPES_SEED, size=192).items():
+        (shapes / name).write_bytes(data)
 
 
 if __name__ == "__main__":

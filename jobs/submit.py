@@ -64,13 +64,14 @@ def submit(address: str | None, configs: list[RunConfig]) -> str:
 def follow(address: str | None, job_id: str) -> int:
     """Stream the job's logs to stdout until it ends; returns its exit code (non-zero unless it succeeded)."""
 
+    jobs = client(address)
+
     async def stream() -> None:
-        async for lines in client(address).tail_job_logs(job_id):
+        async for lines in jobs.tail_job_logs(job_id):
             sys.stdout.write(lines)
             sys.stdout.flush()
 
     asyncio.run(stream())
-    jobs = client(address)
     while (info := jobs.get_job_info(job_id)).status not in _FINISHED:
         time.sleep(_POLL_SECONDS)
     if info.status == JobStatus.SUCCEEDED:

@@ -64,17 +64,23 @@ def write_sources(output: str, run_id: str, shards: list[Shard], images_per_shar
     return uri
 
 
+def read_manifests(output: str) -> list[dict]:
+    """Every committed run manifest under ``output``, oldest run date first, then in commit order."""
+    fs, path = fsspec.core.url_to_fs(output)
+    paths = retrying(lambda: fs.glob(f"{path}/_runs/*.json"), f"listing {output}/_runs")
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        found = list(pool.map(lambda manifest_path: json.loads(read_object(fs.unstrip_protocol(manifest_path))), paths))
+    return sorted(found, key=lambda manifest: (manifest["config"]["run_date"], manifest.get("committed_at", ""), manifest["run_id"]))
+
+
 def processed_sources(output: str, *, model: str, weights_sha256: str, preprocessing: dict, exclude_run_id: str) -> ProcessedSources:
     """The sources that committed runs of ``model`` with the same weights and preprocessing
     processed under ``output`` (the run ``exclude_run_id`` itself aside)."""
     preprocessing = json.loads(json.dumps(preprocessing))  # as a manifest holds it: tuples are lists
-    fs, path = fsspec.core.url_to_fs(output)
-    manifest_uris = [fs.unstrip_protocol(p) for p in retrying(lambda: fs.glob(f"{path}/_runs/*.json"), f"listing {output}/_runs")]
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        manifests = list(pool.map(lambda uri: json.loads(read_object(uri)), manifest_uris))
+    fs, _ = fsspec.core.url_to_fs(output)
     matching = [
         manifest
-        for manifest in manifests
+        for manifest in read_manifests(output)
         if manifest.get("status") == "complete"
         and manifest["run_id"] != exclude_run_id
         and manifest["model"]["name"] == model

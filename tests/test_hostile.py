@@ -5,11 +5,10 @@ decompression bomb costs no memory. The corpus is made here, from scikit-image's
 from __future__ import annotations
 
 import datetime as dt
-import io
+import os
 import struct
 import subprocess
 import sys
-import tarfile
 import zlib
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from jobs.run import run
-from jobs.sample import awkward_images, encode, photos, truncated_jpeg
+from jobs.sample import awkward_images, encode, photos, tar_of, truncated_jpeg
 from pipeline.config import RunConfig
 
 pytestmark = pytest.mark.slow
@@ -44,16 +43,6 @@ def jpeg_claiming(width: int, height: int) -> bytes:
     frame = data.index(b"\xff\xc0")
     data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
     return bytes(data)
-
-
-def tar_of(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            member = tarfile.TarInfo(name)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def hostile_corpus() -> dict[str, tuple[bytes, str]]:
@@ -150,10 +139,6 @@ RUNNER = {"name": "runner", "credentials": [{"accessKey": "segpipe-runner", "sec
 
 @pytest.mark.parametrize("private_s3", [[RUNNER]], indirect=True)
 def test_objects_the_job_may_not_read_are_read_error_rows(private_s3, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     import s3fs
 
     admin = s3fs.S3FileSystem(endpoint_url=private_s3.endpoint, key=private_s3.environment()["AWS_ACCESS_KEY_ID"],

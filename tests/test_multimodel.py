@@ -3,17 +3,14 @@ once, and every model's tables, manifest and run id are those it would have had 
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pytest
 
 from jobs.cli import SpecError, load_run_configs, main
 from jobs.run import run, run_all
-from jobs.sample import encode, photos, truncated_jpeg
-from jobs.synth import render
+from jobs.sample import encode, photos, shape_pngs, truncated_jpeg
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 MODELS = ("unet", "maskrcnn_mobilenet_v3_small_fpn", "lraspp_mobilenet_v3_large")
@@ -23,9 +20,8 @@ MODELS = ("unet", "maskrcnn_mobilenet_v3_small_fpn", "lraspp_mobilenet_v3_large"
 def spec(tmp_path: Path) -> Path:
     archive = tmp_path / "archive"
     archive.mkdir()
-    for index in range(4):
-        pixels, _, _ = render(np.random.default_rng([91, index]), 160)
-        (archive / f"shapes-{index}.png").write_bytes(encode(pixels, "PNG"))
+    for name, data in shape_pngs(4, seed=91, size=160).items():
+        (archive / name).write_bytes(data)
     (archive / "chelsea.jpg").write_bytes(encode(photos()["chelsea"][::3, ::3], "JPEG"))
     (archive / "broken.jpg").write_bytes(truncated_jpeg())
     path = tmp_path / "job.yaml"

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.sample import encode, photos
+from jobs.sample import encode, photos, tar_of
 from pipeline.listing import list_shards
 from pipeline.read import image_id, read_shards
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, unnest
@@ -24,16 +22,6 @@ def _read(path: Path, image_column: str = "image") -> list[list[dict]]:
     result = read_shards(batch, image_column=image_column)
     assert result.column("shard_id").to_pylist() == [shard.shard_id for shard in shards]
     return [unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist() for cell in result.column("images")]
-
-
-def _tar(members: dict[str, bytes]) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
 
 
 def test_loose_files_keep_their_bytes(tmp_path: Path) -> None:
@@ -57,7 +45,7 @@ def test_a_file_deleted_after_listing_is_a_read_error(tmp_path: Path) -> None:
 
 
 def test_tar_members_are_images_with_member_uris(tmp_path: Path) -> None:
-    (tmp_path / "s.tar").write_bytes(_tar({"k1.jpg": JPEG, "k1.json": b"{}", "k2.png": JPEG}))
+    (tmp_path / "s.tar").write_bytes(tar_of({"k1.jpg": JPEG, "k1.json": b"{}", "k2.png": JPEG}))
     [images] = _read(tmp_path)
     assert [row["uri"].rsplit("#", 1)[1] for row in images] == ["k1.jpg", "k2.png"]
     assert all(row["data"] == JPEG for row in images)
@@ -70,7 +58,7 @@ K2_HEADER = 512 + -(-len(JPEG) // 512) * 512  # k1's header and padded data come
     "cut", [K2_HEADER, K2_HEADER + 100, K2_HEADER + 512 + 100], ids=["at a header", "inside a header", "inside data"]
 )
 def test_a_tar_cut_short_keeps_the_images_before_the_cut_and_says_so(tmp_path: Path, cut: int) -> None:
-    data = _tar({"k1.jpg": JPEG, "k2.jpg": JPEG, "k3.jpg": JPEG})
+    data = tar_of({"k1.jpg": JPEG, "k2.jpg": JPEG, "k3.jpg": JPEG})
     (tmp_path / "s.tar").write_bytes(data[:cut])
     [images] = _read(tmp_path)
     assert images[0]["data"] == JPEG and len(images) == 2

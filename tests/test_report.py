@@ -10,13 +10,11 @@ import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from jobs.cli import main
 from jobs.run import run
-from jobs.sample import encode, photos, truncated_jpeg
-from jobs.synth import render
+from jobs.sample import encode, photos, shape_pngs, truncated_jpeg
 from pipeline.config import RunConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
@@ -76,9 +74,8 @@ def shapes_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report")
     archive = root / "archive"
     archive.mkdir()
-    for index in range(5):
-        pixels, _, _ = render(np.random.default_rng([77, index]), 192)
-        (archive / f"shapes-{index}.png").write_bytes(encode(pixels, "PNG"))
+    for name, data in shape_pngs(5, seed=77, size=192).items():
+        (archive / name).write_bytes(data)
     (archive / "coffee.jpg").write_bytes(encode(photos()["coffee"][::2, ::2], "JPEG"))
     (archive / "broken.jpg").write_bytes(truncated_jpeg())
     for model in ("maskrcnn_mobilenet_v3_small_fpn", "unet"):
