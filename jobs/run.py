@@ -74,8 +74,9 @@ def run_all(configs: list[RunConfig]) -> list[dict]:
     own run id, partition and manifest, exactly as if it had run alone."""
     manifests: dict[int, dict] = {}
     plans: dict[int, _Plan] = {}
+    listings: dict[tuple, Listing] = {}  # runs over the same input list it once (unless --incremental)
     for position, config in enumerate(configs):
-        outcome = _plan(config)
+        outcome = _plan(config, listings)
         if isinstance(outcome, dict):
             manifests[position] = outcome
         else:
@@ -90,8 +91,9 @@ def run_all(configs: list[RunConfig]) -> list[dict]:
     return [manifests[position] for position in range(len(configs))]
 
 
-def _plan(config: RunConfig) -> _Plan | dict:
-    """The run's plan, or its manifest when it is already committed (and not ``force``d)."""
+def _plan(config: RunConfig, listings: dict[tuple, Listing]) -> _Plan | dict:
+    """The run's plan, or its manifest when it is already committed (and not ``force``d).
+    ``listings`` holds the full listings made so far, by input, shard size and limit."""
     config = config.model_copy(update={"input": absolute_uri(config.input), "output": absolute_uri(config.output)})
     _refuse_output_inside_input(config)
     spec = get_model_spec(config.model)
@@ -112,7 +114,13 @@ def _plan(config: RunConfig) -> _Plan | dict:
         if config.incremental
         else None
     )
-    listing = list_shards(config.input, files_per_shard=config.files_per_shard, limit=config.limit, processed=processed)
+    key = (config.input, config.files_per_shard, config.limit)
+    if processed is None and key in listings:
+        listing = listings[key]
+    else:
+        listing = list_shards(config.input, files_per_shard=config.files_per_shard, limit=config.limit, processed=processed)
+        if processed is None:
+            listings[key] = listing
     if not listing.shards and not listing.skipped_files:
         raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
     written = {} if config.force else _written_shards(config, run_id, listing.shards)
