@@ -2,11 +2,16 @@
 synthetic shapes (what the shipped ``shapes`` weights segment correctly).
 
 Decode cost depends on content, so the photos are real photo content, not smooth noise; the
-same ``seed`` gives the same bytes.
+same ``seed`` gives the same bytes, so files already there are kept (a second benchmark in the
+same ``--workdir`` reuses them), and the rest are made by one process per CPU.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,33 +21,47 @@ from jobs.sample import encode, photos
 from jobs.synth import render
 
 
+def _photo(rng: np.random.Generator, index: int, width: int, height: int) -> Image.Image:
+    sources = list(photos().values())
+    source = sources[index % len(sources)]
+    scale = rng.uniform(0.6, 1.0)
+    crop_height, crop_width = int(source.shape[0] * scale), int(source.shape[1] * scale)
+    top = rng.integers(0, source.shape[0] - crop_height + 1)
+    left = rng.integers(0, source.shape[1] - crop_width + 1)
+    crop = Image.fromarray(source[top : top + crop_height, left : left + crop_width])
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return crop.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _shapes(rng: np.random.Generator, index: int, width: int, height: int) -> Image.Image:
+    pixels, _, _ = render(rng, max(width, height))
+    return Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
+
+
+def _write_all(prefix: str, make: Callable[..., Image.Image], directory: Path, *, count: int, width: int, height: int,
+               seed: int, quality: int) -> Path:  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    missing = [index for index in range(count) if not (directory / f"{prefix}-{index:06d}.jpg").exists()]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(partial(_write_one, directory, prefix, make, width, height, seed, quality), missing, chunksize=16))
+    return directory
+
+
+def _write_one(directory: Path, prefix: str, make: Callable[..., Image.Image], width: int, height: int, seed: int,
+               quality: int, index: int) -> None:  # fmt: skip
+    image = make(np.random.default_rng([seed, index]), index, width, height)
+    (directory / f"{prefix}-{index:06d}.jpg").write_bytes(encode(image, "JPEG", quality=quality))
+
+
 def write_jpegs(directory: Path, *, count: int, width: int, height: int, seed: int = 0, quality: int = 90) -> Path:
     """``count`` JPEGs of ``width`` x ``height`` under ``directory`` (created); returns it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    sources = list(photos().values())
-    rng = np.random.default_rng(seed)
-    for index in range(count):
-        source = sources[index % len(sources)]
-        scale = rng.uniform(0.6, 1.0)
-        crop_height, crop_width = int(source.shape[0] * scale), int(source.shape[1] * scale)
-        top = rng.integers(0, source.shape[0] - crop_height + 1)
-        left = rng.integers(0, source.shape[1] - crop_width + 1)
-        crop = Image.fromarray(source[top : top + crop_height, left : left + crop_width])
-        if rng.random() < 0.5:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        image = crop.resize((width, height), Image.Resampling.BILINEAR)
-        (directory / f"image-{index:06d}.jpg").write_bytes(encode(image, "JPEG", quality=quality))
-    return directory
+    return _write_all("image", _photo, directory, count=count, width=width, height=height, seed=seed, quality=quality)
 
 
 def write_shapes(directory: Path, *, count: int, width: int, height: int, seed: int = 0, quality: int = 90) -> Path:
     """``count`` JPEGs of synthetic shapes, ``width`` x ``height``, under ``directory``; returns it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for index in range(count):
-        pixels, _, _ = render(np.random.default_rng([seed, index]), max(width, height))
-        image = Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR)
-        (directory / f"shapes-{index:06d}.jpg").write_bytes(encode(image, "JPEG", quality=quality))
-    return directory
+    return _write_all("shapes", _shapes, directory, count=count, width=width, height=height, seed=seed, quality=quality)
 
 
 CORPORA = {"photos": write_jpegs, "shapes": write_shapes}

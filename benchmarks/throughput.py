@@ -5,7 +5,9 @@ writes N photo-like JPEGs (:mod:`benchmarks.corpus`; ``--corpus shapes`` for syn
 to local disk and measures, in one run, with random weights (or ``--weights``):
 
 - **model-only**: forward passes (plus the argmax for semantic models) on tensors already on
-  the device, with the shapes, batch size and precision the pipeline uses;
+  the device, with the shapes, batch size and precision the pipeline uses (3 warm-up batches,
+  at most 25 timed); on CUDA also in float32 and in eager bf16 autocast with and without
+  channels_last, to compare;
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own);
 - **baseline**: a plain Ray Data script written the way Ray's batch-inference documentation
@@ -32,8 +34,9 @@ import threading
 import time
 from pathlib import Path
 
-import duckdb
 import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as pa_dataset
 import ray
 import ray.data
 import torch
@@ -43,9 +46,12 @@ from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
 from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
-from pipeline.infer import model_input
+from pipeline.infer import execution, model_input
 
-_WARMUP_STEPS = 2
+_WARMUP_STEPS = 3
+_MAX_TIMED_STEPS = 25
+_VARIANTS = {"fp32": (False, False), "bf16": (True, False), "bf16_channels_last": (True, True), "fp32_channels_last": (False, True)}
+"""Model-only variants measured on CUDA besides the pipeline's own: name -> (bf16, channels_last)."""
 
 
 def resized(width: int, height: int, preprocessing: Preprocessing) -> tuple[int, int]:
@@ -56,23 +62,31 @@ def resized(width: int, height: int, preprocessing: Preprocessing) -> tuple[int,
     return (preprocessing.resize_shorter, int(width * scale)) if height <= width else (int(height * scale), preprocessing.resize_shorter)
 
 
-def model_only(model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int) -> dict:
+def model_only(
+    model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int,
+    bf16: bool, channels_last: bool,
+) -> dict:  # fmt: skip
     """Images/s of the model alone on device-resident inputs, and its peak device memory."""
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
-    model = weights.build(spec).to(device).eval()
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model = weights.build(spec).to(device, memory_format=memory_format).eval()
     if spec.task == "semantic":
         inputs = torch.randn(batch_size, 3, *resized(width, height, weights.preprocessing), device=device)
+        inputs = inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
         def step() -> None:
-            model(inputs)["out"].argmax(1)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                model(inputs)["out"].argmax(1)
     else:
         images = [torch.rand(3, height, width, device=device) for _ in range(batch_size)]
 
         def step() -> None:
-            model(images)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                model(images)
 
-    steps = math.ceil(count / batch_size)
+    steps = min(_MAX_TIMED_STEPS, math.ceil(count / batch_size))
+    torch.backends.cudnn.benchmark = device == "cuda"  # as the pipeline's actors run
     with torch.inference_mode():
         for _ in range(_WARMUP_STEPS):
             step()
@@ -135,12 +149,10 @@ def end_to_end(directory: Path, output: Path, model_name: str, weights: str, *, 
         manifest = run(config)
     seconds = time.perf_counter() - started
     counts = manifest["counts"]
-    raw_class_map_bytes = sum(
-        width * height
-        for width, height in duckdb.sql(f"SELECT width, height FROM read_parquet('{output}/images/**/*.parquet')").fetchall()
-        if width is not None
-    )
-    (rle_bytes,) = duckdb.sql(f"SELECT coalesce(sum(strlen(mask_rle)), 0) FROM read_parquet('{output}/masks/**/*.parquet')").fetchall()[0]
+    images = pa_dataset.dataset(output / "images", partitioning="hive").to_table(columns=["width", "height"])
+    raw_class_map_bytes = pc.sum(pc.multiply(images["width"].cast("int64"), images["height"].cast("int64"))).as_py() or 0
+    masks = pa_dataset.dataset(output / "masks", partitioning="hive").to_table(columns=["mask_rle"])
+    rle_bytes = pc.sum(pc.binary_length(masks["mask_rle"])).as_py() or 0
     return {
         "ips": counts["images"] / seconds,
         "seconds": seconds,
@@ -217,7 +229,14 @@ def measure(
     """Every figure of one benchmark run, as the ``--json`` object."""
     images = CORPORA[corpus](workdir / "images", count=count, width=width, height=height)
     ray_startup = ensure_ray()
-    only = model_only(model_name, weights, count=count, width=width, height=height, device=device, batch_size=batch_size)
+    shape = {"count": count, "width": width, "height": height, "device": device, "batch_size": batch_size}
+    bf16, channels_last = execution(get_model_spec(model_name), "auto", torch.device(device))
+    only = model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last)
+    variants = {
+        name: model_only(model_name, weights, **shape, bf16=variant_bf16, channels_last=variant_channels_last)["ips"]
+        for name, (variant_bf16, variant_channels_last) in _VARIANTS.items()
+        if device == "cuda" and (get_model_spec(model_name).task == "semantic" or not variant_channels_last)
+    }
     whole = end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device, batch_size=batch_size)
     plain = baseline(images, workdir / "baseline-out", model_name, weights, device=device, batch_size=batch_size)
     return {
@@ -230,6 +249,8 @@ def measure(
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
         "batch_size": batch_size,
         "model_only_ips": only["ips"],
+        "model_only_precision": ("bf16" if bf16 else "fp32") + (" channels_last" if channels_last else ""),
+        "model_only_variants_ips": variants,
         "end_to_end_ips": whole["ips"],
         "baseline_ips": plain["ips"] if plain else None,
         "ratio_model": whole["ips"] / only["ips"],

@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 from jobs.datasets import IGNORE_INDEX, LabelledData, load_labelled
 from models import get_model_spec, resolve_weights
-from pipeline.encode import encode_mask
+from pipeline.encode import encode_runs
 from pipeline.infer import predict_class_maps, predict_detections
 
 
@@ -54,7 +54,7 @@ def _semantic_metrics(module, weights, dataset: LabelledData, batch_size: int) -
     confusion = np.zeros((classes, classes), dtype=np.int64)
     for batch in _batches(dataset, batch_size):
         images = torch.stack([torch.from_numpy(sample.image).permute(2, 0, 1) for sample in batch])
-        for sample, predicted in zip(batch, predict_class_maps(module, images, weights.preprocessing)):
+        for sample, predicted in zip(batch, predict_class_maps(module, images, weights.preprocessing).numpy()):
             valid = sample.label != IGNORE_INDEX
             pairs = sample.label[valid].astype(np.int64) * classes + predicted[valid]
             confusion += np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
@@ -75,11 +75,11 @@ def _coco_metrics(module, dataset: LabelledData, batch_size: int, score_threshol
                     "score": float(detections.scores[index]),
                 }
                 if with_masks:
-                    encoded = encode_mask(detections.masks[index])
+                    runs = detections.masks[index]
+                    encoded = encode_runs(runs).get(1)
                     if encoded is None:
                         continue
-                    height, width = detections.masks.shape[1:]
-                    result["segmentation"] = {"size": [height, width], "counts": encoded.rle}
+                    result["segmentation"] = {"size": [runs.height, runs.width], "counts": encoded.rle}
                 results.append(result)
     metrics = {"images": len(dataset.samples), "detections": len(results)}
     for iou_type in ("bbox", "segm") if with_masks else ("bbox",):

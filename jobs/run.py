@@ -43,7 +43,7 @@ _IO_TASK_CPUS = 0.5
 _CHECK_THREADS = 16
 _RUN_ID_FIELDS = (
     "input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels",
-    "incremental",
+    "incremental", "precision",
 )  # fmt: skip
 
 

@@ -58,6 +58,17 @@ VOC_CATEGORIES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
+@dataclass(frozen=True)
+class CudaExecution:
+    """How a model runs fastest on a CUDA GPU, as ``benchmarks/throughput.py`` measured it on an
+    H100: ``bf16`` runs it under bfloat16 autocast (``--precision auto``), ``channels_last``
+    hands it NHWC input. Both differ by model: channels_last speeds up ResNets and slows
+    MobileNets. On the CPU every model runs in float32."""
+
+    bf16: bool = False
+    channels_last: bool = False
+
+
 SEMANTIC_PREPROCESSING = Preprocessing(resize_shorter=520, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 DETECTION_PREPROCESSING = Preprocessing(resize_shorter=None)
 
@@ -74,6 +85,7 @@ class ModelSpec:
     torchvision_weights: type[WeightsEnum] | None = None
     presets: Mapping[str, Path] = field(default_factory=dict)
     """Weights files shipped with segpipe, by preset name (each with its ``.json`` sidecar)."""
+    cuda: CudaExecution = CudaExecution()
 
     @property
     def num_classes(self) -> int:
@@ -108,6 +120,7 @@ def torchvision_spec(
     *,
     task: Task,
     preprocessing: Preprocessing,
+    cuda: CudaExecution,
 ) -> ModelSpec:
     """A spec for a torchvision builder, named and labelled as torchvision names and labels it."""
     return ModelSpec(
@@ -117,6 +130,7 @@ def torchvision_spec(
         categories=tuple(weights.DEFAULT.meta["categories"]),
         preprocessing=preprocessing,
         torchvision_weights=weights,
+        cuda=cuda,
     )
 
 

@@ -9,11 +9,15 @@ network and NMS are torchvision's.
 
 from torchvision.models import detection as tv
 
-from models.registry import DETECTION_PREPROCESSING, register_model, torchvision_spec
+from models.registry import DETECTION_PREPROCESSING, CudaExecution, register_model, torchvision_spec
 
 for _builder, _weights in [
     (tv.fasterrcnn_resnet50_fpn, tv.FasterRCNN_ResNet50_FPN_Weights),
     (tv.fasterrcnn_resnet50_fpn_v2, tv.FasterRCNN_ResNet50_FPN_V2_Weights),
     (tv.fasterrcnn_mobilenet_v3_large_fpn, tv.FasterRCNN_MobileNet_V3_Large_FPN_Weights),
 ]:
-    register_model(torchvision_spec(_builder, _weights, task="detection", preprocessing=DETECTION_PREPROCESSING))
+    register_model(
+        torchvision_spec(
+            _builder, _weights, task="detection", preprocessing=DETECTION_PREPROCESSING, cuda=CudaExecution(bf16=True)
+        )
+    )

@@ -9,7 +9,7 @@ with ``boxes`` (K, 4) x1, y1, x2, y2 in original pixels, ``labels`` (K,) indices
 
 from torchvision.models import detection as tv
 
-from models.registry import DETECTION_PREPROCESSING, register_model, torchvision_spec
+from models.registry import DETECTION_PREPROCESSING, CudaExecution, register_model, torchvision_spec
 
 # torchvision's 91 COCO ids, with "N/A" at the unused ones: the default of segpipe's own instance models too.
 COCO_CATEGORIES: tuple[str, ...] = tuple(tv.MaskRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
@@ -18,4 +18,8 @@ for _builder, _weights in [
     (tv.maskrcnn_resnet50_fpn, tv.MaskRCNN_ResNet50_FPN_Weights),
     (tv.maskrcnn_resnet50_fpn_v2, tv.MaskRCNN_ResNet50_FPN_V2_Weights),
 ]:
-    register_model(torchvision_spec(_builder, _weights, task="instance", preprocessing=DETECTION_PREPROCESSING))
+    register_model(
+        torchvision_spec(
+            _builder, _weights, task="instance", preprocessing=DETECTION_PREPROCESSING, cuda=CudaExecution(bf16=True)
+        )
+    )

@@ -8,14 +8,19 @@ output ``{"out": logits (N, 21, H, W)}`` over the 21 Pascal VOC categories (inde
 
 from torchvision.models import segmentation as tv
 
-from models.registry import SEMANTIC_PREPROCESSING, register_model, torchvision_spec
+from models.registry import SEMANTIC_PREPROCESSING, CudaExecution, register_model, torchvision_spec
 
-for _builder, _weights in [
-    (tv.fcn_resnet50, tv.FCN_ResNet50_Weights),
-    (tv.fcn_resnet101, tv.FCN_ResNet101_Weights),
-    (tv.deeplabv3_resnet50, tv.DeepLabV3_ResNet50_Weights),
-    (tv.deeplabv3_resnet101, tv.DeepLabV3_ResNet101_Weights),
-    (tv.deeplabv3_mobilenet_v3_large, tv.DeepLabV3_MobileNet_V3_Large_Weights),
-    (tv.lraspp_mobilenet_v3_large, tv.LRASPP_MobileNet_V3_Large_Weights),
+_RESNET = CudaExecution(bf16=True, channels_last=True)
+_MOBILENET = CudaExecution(bf16=True, channels_last=False)
+
+for _builder, _weights, _cuda in [
+    (tv.fcn_resnet50, tv.FCN_ResNet50_Weights, _RESNET),
+    (tv.fcn_resnet101, tv.FCN_ResNet101_Weights, _RESNET),
+    (tv.deeplabv3_resnet50, tv.DeepLabV3_ResNet50_Weights, _RESNET),
+    (tv.deeplabv3_resnet101, tv.DeepLabV3_ResNet101_Weights, _RESNET),
+    (tv.deeplabv3_mobilenet_v3_large, tv.DeepLabV3_MobileNet_V3_Large_Weights, _MOBILENET),
+    (tv.lraspp_mobilenet_v3_large, tv.LRASPP_MobileNet_V3_Large_Weights, _MOBILENET),
 ]:
-    register_model(torchvision_spec(_builder, _weights, task="semantic", preprocessing=SEMANTIC_PREPROCESSING))
+    register_model(
+        torchvision_spec(_builder, _weights, task="semantic", preprocessing=SEMANTIC_PREPROCESSING, cuda=_cuda)
+    )

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-MODEL_FIELDS = ("model", "weights", "score_threshold", "batch_size")
+MODEL_FIELDS = ("model", "weights", "score_threshold", "batch_size", "precision")
 """What a ``models`` entry of a job spec may set; the rest is shared by all its runs."""
 _RUN_DATE_FIELD = re.compile(r"\{run_date(?::([^}]*))?\}")
 _TEMPLATED = ("input", "output")
@@ -45,6 +45,11 @@ class RunConfig(BaseModel):
     files_per_shard: PositiveInt = Field(256, description="loose image files grouped into one shard (unit of work)")
     image_column: str = Field("image", description="column holding the encoded image bytes in Parquet inputs")
     batch_size: PositiveInt = Field(8, description="images per model forward pass")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="arithmetic of the model on a GPU: 'auto' takes what measured fastest for the model (bf16 autocast for "
+        "torchvision's models, fp32 for segpipe's own); CPUs always run fp32",
+    )
     score_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="instance and detection models: keep detections scoring at least this"
     )

@@ -26,6 +26,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 MAX_ASPECT_RATIO = 20
+_EXIF_ORIENTATION = 0x0112
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 _MAGIC_NUMBERS = {
     b"\xff\xd8\xff": "JPEG",
@@ -53,15 +54,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
         raise _unopenable(data) from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise DecodeError(
-            "too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds --max-pixels {max_pixels}"
-        )
-    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
-        raise DecodeError(
-            "extreme_aspect_ratio", f"{width}x{height} is more than {MAX_ASPECT_RATIO} times longer than it is wide"
-        )
+    refusal = _refusal(*image.size, max_pixels=max_pixels)
+    if refusal is not None:
+        raise refusal
     try:
         image.load()
         image = _upright(image)
@@ -70,6 +65,35 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         if "truncated" in str(error) or "broken data stream" in str(error):
             raise DecodeError("truncated_image", f"{image.format} data ends early: {error}") from None
         raise DecodeError("decode_error", f"{image.format} {image.mode} image cannot be decoded: {error}") from None
+
+
+def device_decodable_jpeg(data: bytes, *, max_pixels: int) -> bool:
+    """Whether a GPU's JPEG decoder may take ``data`` in place of :func:`decode_image`: a complete
+    (ending in the end-of-image marker), three-channel, upright (no EXIF rotation) JPEG within
+    the limits, which both decoders turn into the same pixels up to their rounding. Anything
+    else, every broken file included, stays on the host and gets its checks and error rows."""
+    if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+        return False
+    try:
+        with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:  # reads the header only
+            return (
+                image.mode == "RGB"
+                and _refusal(*image.size, max_pixels=max_pixels) is None
+                and image.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            )
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return False
+
+
+def _refusal(width: int, height: int, *, max_pixels: int) -> DecodeError | None:
+    """Why an image of this size is refused before decoding, or ``None``."""
+    if width * height > max_pixels:
+        return DecodeError("too_many_pixels", f"{width}x{height} = {width * height} pixels exceeds --max-pixels {max_pixels}")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        return DecodeError(
+            "extreme_aspect_ratio", f"{width}x{height} is more than {MAX_ASPECT_RATIO} times longer than it is wide"
+        )
+    return None
 
 
 def _unopenable(data: bytes) -> DecodeError:

@@ -5,6 +5,12 @@ the compressed ``counts`` string: ``pycocotools.mask.decode({"size": [height, wi
 "counts": mask_rle})`` returns the mask. Boxes are x1, y1, x2, y2 in pixel-edge coordinates of
 the original image (a mask covering columns 3 to 5 has x1 = 3, x2 = 6); instance boxes are the
 model's own. Rows come back without run_id/image_id/uri, which the caller adds.
+
+The pixel work happens where the model's tensors are (the GPU in a GPU actor): :func:`map_runs`
+finds the runs of whole batches of class maps or masks, and :func:`summarize_detections` the
+runs and per-class union areas of an image's instance masks, so that only run starts and values
+cross to the host, never a full-resolution map. The host turns runs into RLE strings, boxes and
+rows.
 """
 
 from __future__ import annotations
@@ -12,6 +18,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Runs:
+    """The column-major runs of one ``height`` x ``width`` integer map: the flat index where
+    each run starts (int64, ascending, the first 0) and the value it holds."""
+
+    starts: np.ndarray
+    values: np.ndarray
+    height: int
+    width: int
 
 
 @dataclass(frozen=True)
@@ -24,34 +42,46 @@ class EncodedMask:
     rle: str | None
 
 
+def map_runs(maps: torch.Tensor) -> list[Runs]:
+    """Runs of each map of an integer or boolean ``(N, H, W)`` tensor, found on its device."""
+    count, height, width = maps.shape
+    flat = maps.transpose(1, 2).reshape(count, height * width)
+    starts_run = torch.ones_like(flat, dtype=torch.bool)
+    starts_run[:, 1:] = flat[:, 1:] != flat[:, :-1]
+    map_index, starts = starts_run.nonzero(as_tuple=True)
+    values = flat[map_index, starts]
+    map_index, starts, values = map_index.cpu().numpy(), starts.cpu().numpy(), values.cpu().numpy()
+    bounds = np.searchsorted(map_index, np.arange(count + 1))
+    return [
+        Runs(starts[first:last].astype(np.int64), values[first:last].astype(np.int64), height, width)
+        for first, last in zip(bounds[:-1], bounds[1:])
+    ]
+
+
 def rle_string(counts: np.ndarray) -> str:
-    """COCO's compressed form of run lengths (``rleToString`` in pycocotools' maskApi.c)."""
+    """COCO's compressed form of run lengths (``rleToString`` in pycocotools' maskApi.c): each
+    count (from the third on, its difference to the count two before) in 5-bit groups, least
+    significant first, with a continuation bit, as characters from 48."""
     deltas = counts.astype(np.int64)
     deltas[3:] -= counts[1:-2]
-    out = bytearray()
-    for value in deltas.tolist():
-        more = True
-        while more:
-            chunk = value & 0x1F
-            value >>= 5
-            more = value != -1 if chunk & 0x10 else value != 0
-            out.append((chunk | 0x20 if more else chunk) + 48)
-    return out.decode("ascii")
+    groups = int(np.abs(deltas).max(initial=0)).bit_length() // 5 + 1  # enough for the sign bit too
+    shifted = deltas[:, None] >> (5 * np.arange(groups))
+    chunks = shifted & 0x1F
+    rest = shifted >> 5
+    more = np.where(chunks & 0x10, rest != -1, rest != 0)
+    emitted = np.argmax(~more, axis=1) + 1
+    codes = chunks + np.where(more, 0x20, 0) + 48
+    return codes[np.arange(groups) < emitted[:, None]].astype(np.uint8).tobytes().decode("ascii")
 
 
-def encode_class_map(class_map: np.ndarray) -> dict[int, EncodedMask]:
-    """One mask per class present in an ``(H, W)`` integer class map, keyed by class id."""
-    height, width = class_map.shape
-    flat = np.ascontiguousarray(class_map.T).ravel()  # column-major pixel order, as COCO's RLE
-    total = flat.size
-    boundaries = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    starts = np.concatenate(([0], boundaries))
-    ends = np.concatenate((boundaries, [total]))
-    values = flat[starts]
+def encode_runs(runs: Runs) -> dict[int, EncodedMask]:
+    """One mask per value present in a map's runs, keyed by value."""
+    total = runs.height * runs.width
+    ends = np.append(runs.starts[1:], total)
     encoded: dict[int, EncodedMask] = {}
-    for class_id in np.unique(values).tolist():
-        selected = values == class_id
-        run_starts, run_ends = starts[selected], ends[selected]
+    for value in np.unique(runs.values).tolist():
+        selected = runs.values == value
+        run_starts, run_ends = runs.starts[selected], ends[selected]
         counts = np.empty(2 * run_starts.size + 1, dtype=np.int64)
         counts[0] = run_starts[0]
         counts[2:-1:2] = run_starts[1:] - run_ends[:-1]
@@ -59,12 +89,17 @@ def encode_class_map(class_map: np.ndarray) -> dict[int, EncodedMask]:
         counts[-1] = total - run_ends[-1]
         if counts[-1] == 0:
             counts = counts[:-1]
-        encoded[class_id] = EncodedMask(
+        encoded[value] = EncodedMask(
             area=int((run_ends - run_starts).sum()),
-            bbox=_runs_bbox(run_starts, run_ends, height),
+            bbox=_runs_bbox(run_starts, run_ends, runs.height),
             rle=rle_string(counts),
         )
     return encoded
+
+
+def encode_class_map(class_map: np.ndarray) -> dict[int, EncodedMask]:
+    """One mask per class present in an ``(H, W)`` integer class map, keyed by class id."""
+    return encode_runs(map_runs(torch.from_numpy(np.ascontiguousarray(class_map))[None])[0])
 
 
 def encode_mask(mask: np.ndarray) -> EncodedMask | None:
@@ -86,11 +121,12 @@ def _runs_bbox(starts: np.ndarray, ends: np.ndarray, height: int) -> tuple[float
     )
 
 
-def semantic_rows(class_map: np.ndarray, categories: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
-    """``masks`` and ``class_stats`` rows of one image: one ``class`` mask per class present."""
-    height, width = class_map.shape
+def semantic_rows(runs: Runs, categories: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
+    """``masks`` and ``class_stats`` rows of one image from its class map's runs: one ``class``
+    mask per class present."""
+    height, width = runs.height, runs.width
     masks, stats = [], []
-    for index, (class_id, encoded) in enumerate(sorted(encode_class_map(class_map).items())):
+    for index, (class_id, encoded) in enumerate(sorted(encode_runs(runs).items())):
         label = categories[class_id]
         masks.append(_mask_row(index, "class", class_id, label, None, encoded.bbox, encoded, height, width))
         stats.append(_stats_row(class_id, label, encoded.area, height * width, None, None))
@@ -99,25 +135,41 @@ def semantic_rows(class_map: np.ndarray, categories: tuple[str, ...]) -> tuple[l
 
 @dataclass(frozen=True)
 class Detections:
-    """One image's kept detections: boxes ``(K, 4)`` x1, y1, x2, y2, labels ``(K,)``, scores
-    ``(K,)`` and, for instance models, boolean masks ``(K, H, W)`` (``None`` for detection models)."""
+    """One image's kept detections, on the host: boxes ``(K, 4)`` x1, y1, x2, y2, labels ``(K,)``,
+    scores ``(K,)``, for instance models the runs of each binary mask (``None`` for detection
+    models), and the pixels covered by the union of each class's masks (or boxes)."""
 
     boxes: np.ndarray
     labels: np.ndarray
     scores: np.ndarray
-    masks: np.ndarray | None
+    masks: list[Runs] | None
+    class_pixels: dict[int, int]
 
 
-def instance_rows(
-    detections: Detections, categories: tuple[str, ...], *, height: int, width: int
-) -> tuple[list[dict], list[dict]]:
+def summarize_detections(
+    boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, masks: torch.Tensor | None, *, height: int, width: int
+) -> Detections:
+    """:class:`Detections` of one image from its tensors (``masks``: boolean ``(K, H, W)``), with
+    the runs and the union areas computed on the tensors' device."""
+    covered = masks if masks is not None else _box_masks(boxes, height, width)
+    classes = labels.unique()
+    union_pixels = torch.stack([covered[labels == class_id].any(0).sum() for class_id in classes]) if len(classes) else classes
+    return Detections(
+        boxes=boxes.cpu().numpy(),
+        labels=labels.cpu().numpy(),
+        scores=scores.cpu().numpy(),
+        masks=None if masks is None else map_runs(masks),
+        class_pixels=dict(zip(classes.tolist(), union_pixels.tolist())),
+    )
+
+
+def instance_rows(detections: Detections, categories: tuple[str, ...], *, height: int, width: int) -> tuple[list[dict], list[dict]]:
     """``masks`` and ``class_stats`` rows of one image from its kept detections.
 
     Instance models give ``instance`` rows with RLE masks; detection models ``box`` rows whose
     ``mask_rle`` is null and whose ``area`` is the box's. ``class_stats.pixel_count`` counts the
     pixels covered by the union of a class's masks (or boxes).
     """
-    covered = detections.masks if detections.masks is not None else _box_masks(detections.boxes, height, width)
     mask_rows = []
     for index, class_id in enumerate(detections.labels.tolist()):
         box = tuple(float(v) for v in detections.boxes[index])
@@ -125,23 +177,22 @@ def instance_rows(
             x1, y1, x2, y2 = box
             encoded = EncodedMask(area=round((x2 - x1) * (y2 - y1)), bbox=box, rle=None)
         else:
-            encoded = encode_mask(detections.masks[index]) or _empty_mask(height * width)
+            encoded = encode_runs(detections.masks[index]).get(1) or _empty_mask(height * width)
         kind = "box" if detections.masks is None else "instance"
         score = float(detections.scores[index])
         mask_rows.append(_mask_row(index, kind, class_id, categories[class_id], score, box, encoded, height, width))
     stats = []
-    for class_id in sorted(set(detections.labels.tolist())):
+    for class_id, pixels in sorted(detections.class_pixels.items()):
         of_class = detections.labels == class_id
-        pixels = int(np.logical_or.reduce(covered[of_class], axis=0).sum())
         instances, mean_score = int(of_class.sum()), float(detections.scores[of_class].mean())
         stats.append(_stats_row(class_id, categories[class_id], pixels, height * width, instances, mean_score))
     return mask_rows, stats
 
 
-def _box_masks(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+def _box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Boxes rasterised to boolean ``(K, H, W)`` masks: the pixels whose centres they contain."""
-    rows = np.arange(height)[None, :, None] + 0.5
-    columns = np.arange(width)[None, None, :] + 0.5
+    rows = torch.arange(height, device=boxes.device)[None, :, None] + 0.5
+    columns = torch.arange(width, device=boxes.device)[None, None, :] + 0.5
     x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))
     return (columns >= x1) & (columns < x2) & (rows >= y1) & (rows < y2)
 

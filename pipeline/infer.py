@@ -7,6 +7,12 @@ window at a time in a thread pool (the next window decodes while the models run)
 models, runs each model on batches of up to its ``batch_size`` images of equal size, and
 encodes the results (:mod:`pipeline.encode`).
 
+On a GPU, compressed bytes are what crosses the object store and the host: complete RGB JPEGs
+are decoded a window at a time on the device (nvjpeg, through ``torchvision.io.decode_jpeg``),
+other images on the host threads, and resizing, normalising, the model (bf16 autocast and
+channels_last as the model's :class:`~models.registry.CudaExecution` says, under
+``--precision auto``), logit upsampling, argmax and the run finding of RLE all stay on the device.
+
 Preprocessing, as ARCHITECTURE.md fixes it:
 - semantic: uint8 RGB, shorter side resized to 520 (bilinear, antialiased), scaled to [0, 1],
   ImageNet-normalised; logits resized bilinearly to the original size, then argmax;
@@ -28,18 +34,18 @@ from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import ray
 import torch
 import torch.nn.functional as nn_functional
 import torchvision.transforms.functional as tv_functional
 from torch import nn
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from models import ModelSpec, Preprocessing, Weights, get_model_spec
 from pipeline.config import RunConfig
-from pipeline.decode import DecodeError, decode_image
-from pipeline.encode import Detections, instance_rows, semantic_rows
+from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
+from pipeline.encode import Detections, instance_rows, map_runs, semantic_rows, summarize_detections
 from pipeline.schema import (
     CLASS_STATS_SCHEMA,
     ENCODED_IMAGE_SCHEMA,
@@ -52,6 +58,8 @@ from pipeline.schema import (
 
 _DECODE_THREADS = 4
 _MASK_PROBABILITY_THRESHOLD = 0.5
+_UPSAMPLED_LOGITS_PER_STEP = 2**28
+"""Logit elements upsampled at once: 1 GiB of float32, whatever the batch and image size."""
 
 
 @dataclass
@@ -64,6 +72,8 @@ class LoadedModel:
     categories: tuple[str, ...]
     preprocessing: Preprocessing
     model: nn.Module
+    bf16: bool
+    channels_last: bool
 
 
 class SegmentShards:
@@ -77,6 +87,8 @@ class SegmentShards:
         if self.device.type == "cpu":
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, round(cpus)))
+        else:
+            torch.backends.cudnn.benchmark = True  # batches repeat a few shapes: tuned kernels pay
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
         self.max_pixels = configs[0].max_pixels
         self.window = 4 * max(config.batch_size for config in configs)
@@ -88,7 +100,9 @@ class SegmentShards:
         if spec.task != "semantic":
             # torchvision drops boxes under its own 0.05 before ours; a lower --score-threshold must win.
             model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
-        return LoadedModel(config, run_id, spec, weights.categories, weights.preprocessing, model.to(self.device).eval())
+        bf16, channels_last = execution(spec, config.precision, self.device)
+        model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        return LoadedModel(config, run_id, spec, weights.categories, weights.preprocessing, model.eval(), bf16, channels_last)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns: dict[str, list] = defaultdict(list)
@@ -122,7 +136,8 @@ class SegmentShards:
         for number, indices in enumerate(windows):
             decoded = {index: future.result() for index, future in zip(indices, pending)}
             pending = self._decode_async(images, windows[number + 1]) if number + 1 < len(windows) else []
-            pixels: dict[int, np.ndarray] = {}
+            decoded |= self._decode_on_device(images, [index for index, result in decoded.items() if result is None])
+            pixels: dict[int, torch.Tensor] = {}
             for index, result in decoded.items():
                 if isinstance(result, DecodeError):
                     for outcome in outcomes:
@@ -136,7 +151,7 @@ class SegmentShards:
                         outcome[index] = _error(error_type, f"{type(result).__name__}: {result}")
                         continue
                     masks, stats = result
-                    height, width = pixels[index].shape[:2]
+                    height, width = pixels[index].shape[-2:]
                     outcome[index] = {"status": "ok", "width": width, "height": height, "n_masks": len(masks)}
                     key = {"run_id": loaded.run_id, "image_id": images[index]["image_id"]}
                     masks_of_model += [{**key, "uri": images[index]["uri"], **row} for row in masks]
@@ -161,9 +176,23 @@ class SegmentShards:
         ]
 
     def _decode_async(self, images: list[dict], indices: list[int]) -> list[Future]:
-        return [self.decoder.submit(_decode_or_error, images[index]["data"], self.max_pixels) for index in indices]
+        """Per image, a future of its ``(3, H, W)`` pixels, its :class:`DecodeError`, or ``None``
+        where the device is to decode it."""
+        on_device = self.device.type == "cuda"
+        return [self.decoder.submit(_decode_on_host, images[index]["data"], self.max_pixels, on_device) for index in indices]
 
-    def _predict(self, loaded: LoadedModel, pixels: dict[int, np.ndarray]) -> dict[int, tuple[list[dict], list[dict]] | Exception]:
+    def _decode_on_device(self, images: list[dict], indices: list[int]) -> dict[int, torch.Tensor | DecodeError]:
+        """``indices``' JPEGs decoded in one batch on the device; on the host, one by one, should
+        the device refuse the batch, so that a file nvjpeg rejects gets its own error row."""
+        if not indices:
+            return {}
+        data = [torch.frombuffer(bytearray(images[index]["data"]), dtype=torch.uint8) for index in indices]
+        try:
+            return dict(zip(indices, decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)))
+        except RuntimeError:
+            return {index: _decode_on_host(images[index]["data"], self.max_pixels, False) for index in indices}
+
+    def _predict(self, loaded: LoadedModel, pixels: dict[int, torch.Tensor]) -> dict[int, tuple[list[dict], list[dict]] | Exception]:
         """Rows per image (or the exception it failed with), batching images of equal size."""
         by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for index, image in pixels.items():
@@ -175,7 +204,7 @@ class SegmentShards:
                 self._predict_isolating_failures(loaded, indices[start : start + batch_size], pixels, results)
         return results
 
-    def _predict_isolating_failures(self, loaded: LoadedModel, chunk: list[int], pixels: dict[int, np.ndarray], results: dict) -> None:
+    def _predict_isolating_failures(self, loaded: LoadedModel, chunk: list[int], pixels: dict[int, torch.Tensor], results: dict) -> None:
         try:
             results.update(zip(chunk, self._predict_batch(loaded, [pixels[index] for index in chunk])))
         except Exception as error:  # noqa: BLE001 - isolate what fails, keep the rest
@@ -191,16 +220,26 @@ class SegmentShards:
             for half in halves:
                 self._predict_isolating_failures(loaded, half, pixels, results)
 
-    def _predict_batch(self, loaded: LoadedModel, images: list[np.ndarray]) -> list[tuple[list[dict], list[dict]]]:
-        batch = torch.stack([torch.from_numpy(image).permute(2, 0, 1) for image in images]).to(self.device)
+    def _predict_batch(self, loaded: LoadedModel, images: list[torch.Tensor]) -> list[tuple[list[dict], list[dict]]]:
+        batch = torch.stack([image.to(self.device, non_blocking=True) for image in images])
         if loaded.spec.task == "semantic":
-            class_maps = predict_class_maps(loaded.model, batch, loaded.preprocessing)
-            return [semantic_rows(class_map, loaded.categories) for class_map in class_maps]
+            class_maps = predict_class_maps(
+                loaded.model, batch, loaded.preprocessing, bf16=loaded.bf16, channels_last=loaded.channels_last
+            )
+            return [semantic_rows(runs, loaded.categories) for runs in map_runs(class_maps)]
         height, width = batch.shape[-2:]
         return [
             instance_rows(detections, loaded.categories, height=height, width=width)
-            for detections in predict_detections(loaded.model, batch, loaded.config.score_threshold)
+            for detections in predict_detections(loaded.model, batch, loaded.config.score_threshold, bf16=loaded.bf16)
         ]
+
+
+def execution(spec: ModelSpec, precision: str, device: torch.device) -> tuple[bool, bool]:
+    """Whether ``spec``'s model runs under bf16 autocast, and on channels_last input, with
+    ``--precision precision`` on ``device``."""
+    on_cuda = device.type == "cuda"
+    bf16 = on_cuda and (precision == "bf16" or (precision == "auto" and spec.cuda.bf16))
+    return bf16, on_cuda and spec.cuda.channels_last
 
 
 def model_input(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
@@ -212,41 +251,57 @@ def model_input(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tens
     return tv_functional.normalize(tv_functional.convert_image_dtype(batch, torch.float32), preprocessing.mean, preprocessing.std)
 
 
-def predict_class_maps(model: nn.Module, batch: torch.Tensor, preprocessing: Preprocessing) -> list[np.ndarray]:
-    """Argmax class maps at original size of a uint8 ``(N, 3, H, W)`` batch."""
+def predict_class_maps(
+    model: nn.Module, batch: torch.Tensor, preprocessing: Preprocessing, *, bf16: bool = False, channels_last: bool = False
+) -> torch.Tensor:
+    """Argmax class maps ``(N, H, W)`` at original size of a uint8 ``(N, 3, H, W)`` batch, on the
+    batch's device: uint8 for up to 256 classes, else int32."""
     height, width = batch.shape[-2:]
-    logits = model(model_input(batch, preprocessing))["out"]
-    return [
-        nn_functional.interpolate(image_logits[None], size=(height, width), mode="bilinear", align_corners=False)
-        .argmax(1)[0]
-        .to(torch.uint8 if logits.shape[1] <= 256 else torch.int32)
-        .cpu()
-        .numpy()
-        for image_logits in logits
-    ]
+    inputs = model_input(batch, preprocessing)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(inputs)["out"]
+    classes = logits.shape[1]
+    class_type = torch.uint8 if classes <= 256 else torch.int32
+    images_per_step = max(1, _UPSAMPLED_LOGITS_PER_STEP // (classes * height * width))
+    return torch.cat([
+        nn_functional.interpolate(step, size=(height, width), mode="bilinear", align_corners=False).argmax(1).to(class_type)
+        for step in logits.split(images_per_step)
+    ])  # fmt: skip
 
 
-def predict_detections(model: nn.Module, batch: torch.Tensor, score_threshold: float) -> list[Detections]:
+def predict_detections(model: nn.Module, batch: torch.Tensor, score_threshold: float, *, bf16: bool = False) -> list[Detections]:
     """Detections scoring at least ``score_threshold`` in a uint8 ``(N, 3, H, W)`` batch, in original
-    pixels; masks (instance models only) are the probabilities above 0.5."""
+    pixels; masks (instance models only) are the probabilities above 0.5, run-length encoded
+    on the batch's device."""
+    height, width = batch.shape[-2:]
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+        outputs = model(list(tv_functional.convert_image_dtype(batch, torch.float32)))
     detections = []
-    for output in model(list(tv_functional.convert_image_dtype(batch, torch.float32))):
+    for output in outputs:
         keep = output["scores"] >= score_threshold
         masks = output.get("masks")
         detections.append(
-            Detections(
-                boxes=output["boxes"][keep].cpu().numpy(),
-                labels=output["labels"][keep].cpu().numpy(),
-                scores=output["scores"][keep].cpu().numpy(),
-                masks=None if masks is None else (masks[keep, 0] > _MASK_PROBABILITY_THRESHOLD).cpu().numpy(),
+            summarize_detections(
+                output["boxes"][keep].float(),
+                output["labels"][keep],
+                output["scores"][keep].float(),
+                None if masks is None else masks[keep, 0] > _MASK_PROBABILITY_THRESHOLD,
+                height=height,
+                width=width,
             )
         )
     return detections
 
 
-def _decode_or_error(data: bytes, max_pixels: int) -> np.ndarray | DecodeError:
+def _decode_on_host(data: bytes, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
+    """RGB uint8 ``(3, H, W)`` pixels or the :class:`DecodeError`; ``None`` for a JPEG that the
+    device decodes instead, when it can."""
+    if device_can_decode and device_decodable_jpeg(data, max_pixels=max_pixels):
+        return None
     try:
-        return decode_image(data, max_pixels=max_pixels)
+        return torch.from_numpy(decode_image(data, max_pixels=max_pixels)).permute(2, 0, 1)
     except DecodeError as error:
         return error
 

@@ -9,8 +9,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from jobs.sample import awkward_images, encode, truncated_jpeg
-from pipeline.decode import DecodeError, decode_image
+from jobs.sample import awkward_images, encode, photos, truncated_jpeg
+from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
 
 MAX_PIXELS = 100_000_000
 
@@ -88,3 +88,23 @@ def test_plain_rgb_roundtrip() -> None:
     astronaut = skimage.data.astronaut()
     assert np.array_equal(decode_image(encode(astronaut, "PNG"), max_pixels=MAX_PIXELS), astronaut)
     assert Image.open(io.BytesIO(encode(astronaut, "PNG"))).mode == "RGB"
+
+
+def test_only_complete_upright_rgb_jpegs_within_the_limits_go_to_the_gpu_decoder() -> None:
+    astronaut = photos()["astronaut"]
+    plain = encode(astronaut, "JPEG", quality=90)
+    awkward = awkward_images()
+    assert device_decodable_jpeg(plain, max_pixels=10**8)
+    assert device_decodable_jpeg(encode(astronaut, "JPEG", progressive=True), max_pixels=10**8)
+    refused = {
+        "truncated": truncated_jpeg(),
+        "trailing garbage": plain + b"\x00garbage",
+        "exif rotation": awkward["exif_rotated_rocket.jpg"],
+        "cmyk": awkward["cmyk_chelsea.jpg"],
+        "grayscale": encode(astronaut[:, :, 0], "JPEG"),
+        "png": awkward["gray_camera.png"],
+        "empty": b"",
+    }
+    for name, data in refused.items():
+        assert not device_decodable_jpeg(data, max_pixels=10**8), name
+    assert not device_decodable_jpeg(plain, max_pixels=512 * 512 - 1)  # over --max-pixels: the host path refuses it

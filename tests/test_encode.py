@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pycocotools.mask as coco_mask
 import pytest
+import torch
 
-from pipeline.encode import Detections, encode_class_map, encode_mask, instance_rows, semantic_rows
+from pipeline.encode import encode_class_map, encode_mask, instance_rows, map_runs, semantic_rows, summarize_detections
 
 CATEGORIES = tuple(f"c{i}" for i in range(6))
 
@@ -23,6 +24,10 @@ def _class_maps() -> list[np.ndarray]:
     single = np.zeros((20, 30), dtype=int)
     single[19, 29] = 5  # one pixel in the last position
     maps.append(single)
+    large = np.zeros((1500, 1100), dtype=int)  # runs longer than 2^20 pixels and deltas of either sign
+    large[700:, 600:] = 1
+    large[3, 3] = 2
+    maps.append(large)
     return maps
 
 
@@ -49,9 +54,20 @@ def test_random_binary_masks_round_trip() -> None:
     assert encode_mask(np.zeros((5, 5), dtype=bool)) is None
 
 
+def test_runs_of_a_batch_are_each_maps_own() -> None:
+    rng = np.random.default_rng(5)
+    maps = rng.integers(0, 3, size=(4, 13, 9)).astype(np.uint8)
+    maps[2] = 1  # a map with a single run
+    for class_map, runs in zip(maps, map_runs(torch.from_numpy(maps))):
+        column_major = class_map.T.ravel()
+        assert runs.starts[0] == 0 and (runs.height, runs.width) == (13, 9)
+        assert np.array_equal(np.repeat(runs.values, np.diff(np.append(runs.starts, column_major.size))), column_major)
+    assert map_runs(torch.zeros((0, 5, 5), dtype=torch.uint8)) == []
+
+
 def test_semantic_rows_partition_the_image() -> None:
     class_map = np.kron(np.arange(6).reshape(2, 3), np.ones((10, 10), dtype=int))
-    masks, stats = semantic_rows(class_map, CATEGORIES)
+    masks, stats = semantic_rows(map_runs(torch.from_numpy(class_map)[None])[0], CATEGORIES)
     assert [row["class_id"] for row in masks] == list(range(6))
     assert all(row["kind"] == "class" and row["score"] is None for row in masks)
     decoded = np.stack([_decode(row["mask_rle"], 20, 30) for row in masks])
@@ -69,7 +85,8 @@ def test_instance_rows_count_union_pixels_and_scores() -> None:
     boxes = np.array([[0, 0, 5, 5], [3, 3, 8, 8], [9, 9, 10, 10]], dtype=np.float32)
     labels = np.array([1, 1, 4])
     scores = np.array([0.9, 0.7, 0.6], dtype=np.float32)
-    rows, stats = instance_rows(Detections(boxes, labels, scores, masks), CATEGORIES, height=10, width=10)
+    detections = summarize_detections(*map(torch.from_numpy, (boxes, labels, scores, masks)), height=10, width=10)
+    rows, stats = instance_rows(detections, CATEGORIES, height=10, width=10)
     assert [(row["kind"], row["label"], row["area"]) for row in rows] == [
         ("instance", "c1", 25), ("instance", "c1", 25), ("instance", "c4", 1),
     ]  # fmt: skip
@@ -82,7 +99,8 @@ def test_instance_rows_count_union_pixels_and_scores() -> None:
 
 def test_detection_rows_are_boxes_without_masks() -> None:
     boxes = np.array([[0, 0, 4, 5], [2, 2, 6, 6], [1.5, 0.5, 3.5, 2.5]], dtype=np.float32)
-    detections = Detections(boxes, np.array([2, 2, 3]), np.array([0.9, 0.8, 0.7], dtype=np.float32), None)
+    labels, scores = torch.tensor([2, 2, 3]), torch.tensor([0.9, 0.8, 0.7])
+    detections = summarize_detections(torch.from_numpy(boxes), labels, scores, None, height=10, width=10)
     rows, stats = instance_rows(detections, CATEGORIES, height=10, width=10)
     assert [(row["kind"], row["mask_rle"], row["area"]) for row in rows] == [("box", None, 20), ("box", None, 16), ("box", None, 4)]
     assert rows[2]["bbox_x1"] == 1.5 and rows[2]["bbox_y2"] == 2.5

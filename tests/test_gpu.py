@@ -1,0 +1,109 @@
+"""The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, the device's
+run finding and union areas equal the host's, and ``segpipe run`` on a GPU accounts for every
+image with the CPU run's outcome and, with trained weights, its masks.
+
+Skipped where there is no GPU (CI has none); run on a GPU machine with ``pytest tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pa_dataset
+import pytest
+import ray
+import torch
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from jobs.run import run
+from jobs.sample import awkward_images, encode, photos, shape_pngs, truncated_jpeg
+from pipeline.config import RunConfig
+from pipeline.decode import decode_image, device_decodable_jpeg
+from pipeline.encode import map_runs, summarize_detections
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_nvjpeg_decodes_what_pillow_decodes() -> None:
+    jpegs = [encode(photo, "JPEG", quality=quality) for photo in photos().values() for quality in (75, 95)]
+    jpegs.append(encode(photos()["chelsea"], "JPEG", progressive=True))
+    assert all(device_decodable_jpeg(data, max_pixels=10**8) for data in jpegs)
+    on_device = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs], mode=ImageReadMode.RGB,
+                            device="cuda")  # fmt: skip
+    for data, pixels in zip(jpegs, on_device):
+        reference = torch.from_numpy(decode_image(data, max_pixels=10**8)).permute(2, 0, 1)
+        assert pixels.shape == reference.shape
+        assert (pixels.cpu().int() - reference.int()).abs().float().mean() < 1.5  # the decoders' rounding differs
+
+
+def test_runs_and_union_areas_on_the_gpu_equal_the_hosts() -> None:
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.randint(0, 21, (4, 97, 131), generator=generator, dtype=torch.uint8)
+    maps[:, 20:60, 30:90] = 7
+    for on_gpu, on_host in zip(map_runs(maps.cuda()), map_runs(maps)):
+        assert np.array_equal(on_gpu.starts, on_host.starts) and np.array_equal(on_gpu.values, on_host.values)
+    masks = torch.rand((5, 40, 50), generator=generator) > 0.7
+    boxes, labels, scores = torch.rand((5, 4), generator=generator) * 40, torch.tensor([1, 1, 2, 3, 3]), torch.rand(5)
+    on_gpu = summarize_detections(boxes.cuda(), labels.cuda(), scores.cuda(), masks.cuda(), height=40, width=50)
+    on_host = summarize_detections(boxes, labels, scores, masks, height=40, width=50)
+    assert on_gpu.class_pixels == on_host.class_pixels
+    assert all(np.array_equal(a.starts, b.starts) for a, b in zip(on_gpu.masks, on_host.masks))
+
+
+@pytest.fixture(scope="module")
+def ray_with_gpu():
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def _archive(directory: Path) -> Path:
+    """Trained-for shapes as JPEGs (decoded on the GPU) and PNGs, plus files the host must decode or refuse."""
+    directory.mkdir()
+    for name, png in shape_pngs(12, seed=5, size=320).items():
+        (directory / name).write_bytes(png)
+        pixels = decode_image(png, max_pixels=10**8)
+        (directory / name.replace(".png", ".jpg")).write_bytes(encode(pixels, "JPEG", quality=95))
+    for name, data in awkward_images().items():
+        (directory / name).write_bytes(data)
+    (directory / "truncated.jpg").write_bytes(truncated_jpeg())
+    (directory / "empty.jpg").write_bytes(b"")
+    return directory
+
+
+def _read(output: Path, table: str, columns: list[str]) -> list[dict]:
+    return pa_dataset.dataset(output / table, partitioning="hive").to_table(columns=columns).to_pylist()
+
+
+@pytest.mark.usefixtures("ray_with_gpu")
+def test_a_gpu_run_matches_the_cpu_run(tmp_path: Path) -> None:
+    archive = _archive(tmp_path / "archive")
+    outputs = {}
+    for device in ("cpu", "cuda"):
+        outputs[device] = tmp_path / device
+        run(RunConfig(input=str(archive), output=str(outputs[device]), model="unet", weights="shapes", device=device,
+                      files_per_shard=10, run_date=dt.date(2026, 11, 26), max_error_rate=1.0))  # fmt: skip
+    images = {device: {row["uri"]: (row["status"], row["error_type"]) for row in _read(path, "images", ["uri", "status", "error_type"])}
+              for device, path in outputs.items()}  # fmt: skip
+    assert images["cuda"] == images["cpu"]
+    assert len(images["cuda"]) == len(list(archive.iterdir()))
+    pixels = {}
+    for device, path in outputs.items():
+        for row in _read(path, "class_stats", ["image_id", "class_id", "pixel_count"]):
+            pixels[device, row["image_id"], row["class_id"]] = row["pixel_count"]
+    keys = {key[1:] for key in pixels}
+    total = sum(pixels.get(("cpu", *key), 0) for key in keys)
+    differing = sum(abs(pixels.get(("cpu", *key), 0) - pixels.get(("cuda", *key), 0)) for key in keys)
+    assert differing <= 0.01 * total  # the same masks, up to decoder rounding at region borders
+
+
+@pytest.mark.usefixtures("ray_with_gpu")
+@pytest.mark.parametrize("model", ["lraspp_mobilenet_v3_large", "maskrcnn_resnet50_fpn"])
+def test_torchvision_models_run_on_the_gpu_in_bf16(tmp_path: Path, model: str) -> None:
+    archive = _archive(tmp_path / "archive")
+    manifest = run(RunConfig(input=str(archive), output=str(tmp_path / "out"), model=model, weights="random", device="cuda",
+                             score_threshold=0.0, run_date=dt.date(2026, 11, 26), max_error_rate=1.0))  # fmt: skip
+    assert manifest["counts"]["images"] == len(list(archive.iterdir()))
+    assert manifest["counts"]["error"] == 2  # truncated.jpg and empty.jpg
