@@ -6,10 +6,12 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
 
 - **model-only**: forward passes (plus the argmax for semantic models) on tensors already on
   the device, with the shapes, batch size and precision the pipeline uses (3 warm-up batches,
-  at most 25 timed); on CUDA also in float32 and in eager bf16 autocast with and without
+  at most 10 timed); on CUDA also in float32 and in eager bf16 autocast with and without
   channels_last, to compare;
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
-  Ray start-up excluded (reported on its own);
+  Ray start-up excluded (reported on its own); also the seconds until the first shard was
+  written (actor start-up, model load, the first shard's work) and the steady rate after it,
+  from the written files' times;
 - **baseline**: a plain Ray Data script written the way Ray's batch-inference documentation
   shows it (``read_images``, CPU preprocessing, ``map_batches`` with a model class, CPU
   post-processing, class maps written as raw arrays); semantic models only;
@@ -49,7 +51,7 @@ from pipeline.config import RunConfig
 from pipeline.infer import execution, model_input
 
 _WARMUP_STEPS = 3
-_MAX_TIMED_STEPS = 25
+_MAX_TIMED_STEPS = 10
 _VARIANTS = {"fp32": (False, False), "bf16": (True, False), "bf16_channels_last": (True, True), "fp32_channels_last": (False, True)}
 """Model-only variants measured on CUDA besides the pipeline's own: name -> (bf16, channels_last)."""
 
@@ -141,7 +143,7 @@ def end_to_end(directory: Path, output: Path, model_name: str, weights: str, *, 
     config = RunConfig(input=str(directory), output=str(output), model=model_name, weights=weights, device=device,
                        batch_size=batch_size, run_date=dt.date(2026, 1, 1), max_error_rate=1.0)  # fmt: skip
     sampler = GpuSampler() if device == "cuda" and shutil.which("nvidia-smi") else None
-    started = time.perf_counter()
+    started, wall_started = time.perf_counter(), time.time()
     if sampler is not None:
         with sampler:
             manifest = run(config)
@@ -152,10 +154,15 @@ def end_to_end(directory: Path, output: Path, model_name: str, weights: str, *, 
     images = pa_dataset.dataset(output / "images", partitioning="hive").to_table(columns=["width", "height"])
     raw_class_map_bytes = pc.sum(pc.multiply(images["width"].cast("int64"), images["height"].cast("int64"))).as_py() or 0
     masks = pa_dataset.dataset(output / "masks", partitioning="hive").to_table(columns=["mask_rle"])
+    shard_files = sorted((output / "images").rglob("*.parquet"), key=lambda path: path.stat().st_mtime)
+    first_written, last_written = shard_files[0].stat().st_mtime, shard_files[-1].stat().st_mtime
+    after_first = counts["images"] - pa_dataset.dataset(shard_files[0]).count_rows()
     rle_bytes = pc.sum(pc.binary_length(masks["mask_rle"])).as_py() or 0
     return {
         "ips": counts["images"] / seconds,
         "seconds": seconds,
+        "first_shard_seconds": first_written - wall_started,
+        "steady_ips": after_first / (last_written - first_written) if last_written > first_written else None,
         "images": counts["images"],
         "ok": counts["ok"],
         "bytes_per_image": counts["bytes_written"] / counts["images"],
@@ -252,6 +259,8 @@ def measure(
         "model_only_precision": ("bf16" if bf16 else "fp32") + (" channels_last" if channels_last else ""),
         "model_only_variants_ips": variants,
         "end_to_end_ips": whole["ips"],
+        "end_to_end_steady_ips": whole["steady_ips"],
+        "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
         "baseline_ips": plain["ips"] if plain else None,
         "ratio_model": whole["ips"] / only["ips"],
         "ratio_baseline": whole["ips"] / plain["ips"] if plain else None,

@@ -41,6 +41,7 @@ from pipeline.write import partition_path, remove_stale_shards, shard_file, writ
 # keeps them from being fused into the model actors, which must not wait on I/O.
 _IO_TASK_CPUS = 0.5
 _CHECK_THREADS = 16
+_ACTORS_PER_GPU = 4
 _RUN_ID_FIELDS = (
     "input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels",
     "incremental", "precision",
@@ -220,7 +221,8 @@ def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
     if config.device == "cuda" and gpus == 0:
         raise InputError("--device cuda, but the Ray cluster has no GPUs")
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
-        return "cuda", config.actors or gpus, {"num_gpus": 1}
+        actors = config.actors or _ACTORS_PER_GPU * gpus
+        return "cuda", actors, {"num_gpus": min(1.0, gpus / actors)}
     actors = config.actors or 1
     cpus = resources.get("CPU", 1.0)
     # Leave room for the I/O-bound read and write tasks; the actors share the rest for torch threads.

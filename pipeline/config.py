@@ -58,7 +58,9 @@ class RunConfig(BaseModel):
         "auto", description="'auto' uses GPUs when the Ray cluster has any, else CPUs"
     )
     actors: PositiveInt | None = Field(
-        None, description="model actors in the pool (default: one per GPU, or one on CPU-only clusters)"
+        None,
+        description="model actors in the pool (default: four per GPU, sharing it so that one's host work (decoding, RLE, "
+        "rows) overlaps the others' GPU work; one on CPU-only clusters)",
     )
     max_pixels: PositiveInt = Field(
         100_000_000, description="images with more pixels are refused from their header, before decoding"
