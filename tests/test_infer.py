@@ -20,7 +20,7 @@ from torch import nn
 from jobs.sample import encode, photos
 from models import Weights, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
-from pipeline.infer import SegmentShards
+from pipeline.infer import SegmentShards, execution
 from pipeline.listing import list_shards
 from pipeline.read import read_shards
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, unnest
@@ -93,3 +93,19 @@ def test_out_of_memory_splits_the_batch_down_to_one_image(tmp_path: Path) -> Non
     roomy_images, roomy_masks, roomy_sizes = _segment(config, batch, capacity=None)
     assert roomy_sizes == [8, 1]
     assert [row for row in masks] == [row for row in roomy_masks if not row["uri"].endswith("wide.png")]
+
+
+@pytest.mark.parametrize(
+    ("model", "precision", "device", "expected"),
+    [
+        ("deeplabv3_resnet50", "auto", "cuda", (True, True)),  # ResNets: bf16 and channels_last
+        ("lraspp_mobilenet_v3_large", "auto", "cuda", (True, False)),  # channels_last slows MobileNets
+        ("maskrcnn_resnet50_fpn", "auto", "cuda", (True, False)),
+        ("unet", "auto", "cuda", (False, False)),  # segpipe's own: fp32 until measured otherwise
+        ("unet", "bf16", "cuda", (True, False)),
+        ("deeplabv3_resnet50", "fp32", "cuda", (False, True)),
+        ("deeplabv3_resnet50", "bf16", "cpu", (False, False)),  # CPUs always run fp32
+    ],
+)
+def test_precision_picks_autocast_and_memory_format_per_model(model: str, precision: str, device: str, expected: tuple) -> None:
+    assert execution(get_model_spec(model), precision, torch.device(device)) == expected
