@@ -31,6 +31,7 @@ import math
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -225,6 +226,11 @@ def baseline(directory: Path, output: Path, model_name: str, weights: str, *, de
     return {"ips": count / seconds, "seconds": seconds}
 
 
+def _reported(phase: str, figures: dict | None) -> dict | None:
+    print(f"benchmark {phase}: {json.dumps(figures)}", file=sys.stderr, flush=True)
+    return figures
+
+
 def _synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -233,19 +239,22 @@ def _synchronize(device: str) -> None:
 def measure(
     model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int, workdir: Path
 ) -> dict:
-    """Every figure of one benchmark run, as the ``--json`` object."""
+    """Every figure of one benchmark run, as the ``--json`` object. Each phase's figures also go
+    to stderr as it ends, so that a run stopped by a time limit keeps those it finished."""
     images = CORPORA[corpus](workdir / "images", count=count, width=width, height=height)
     ray_startup = ensure_ray()
     shape = {"count": count, "width": width, "height": height, "device": device, "batch_size": batch_size}
     bf16, channels_last = execution(get_model_spec(model_name), "auto", torch.device(device))
-    only = model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last)
-    variants = {
+    only = _reported("model-only", model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last))
+    variants = _reported("model-only variants", {
         name: model_only(model_name, weights, **shape, bf16=variant_bf16, channels_last=variant_channels_last)["ips"]
         for name, (variant_bf16, variant_channels_last) in _VARIANTS.items()
         if device == "cuda" and (get_model_spec(model_name).task == "semantic" or not variant_channels_last)
-    }
-    whole = end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device, batch_size=batch_size)
-    plain = baseline(images, workdir / "baseline-out", model_name, weights, device=device, batch_size=batch_size)
+    })  # fmt: skip
+    whole = _reported("end-to-end", end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device,
+                                               batch_size=batch_size))  # fmt: skip
+    plain = _reported("baseline", baseline(images, workdir / "baseline-out", model_name, weights, device=device,
+                                           batch_size=batch_size))  # fmt: skip
     return {
         "model": model_name,
         "weights": weights,
