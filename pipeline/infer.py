@@ -23,7 +23,9 @@ Preprocessing, as ARCHITECTURE.md fixes it:
 ``predict_class_maps`` and ``predict_detections`` are what ``segpipe eval`` measures too.
 
 A batch that runs out of device memory is split in halves and retried, down to single images;
-an image that does not fit alone becomes an ``out_of_memory`` row. A batch that fails otherwise
+an image that does not fit alone becomes an ``out_of_memory`` row. The actor then keeps the
+pixels per batch that fit as the model's budget, and later batches are cut to it: the batch
+size follows the images' size and the device's memory, rather than running out again. A batch that fails otherwise
 is retried image by image, and an image that still fails becomes an ``inference_error`` row, so
 one bad image never costs its neighbours.
 """
@@ -74,6 +76,8 @@ class LoadedModel:
     model: nn.Module
     bf16: bool
     channels_last: bool
+    pixel_budget: int | None = None
+    """Most decoded pixels per batch known to fit on the device, once a batch has run out of memory."""
 
 
 class SegmentShards:
@@ -198,27 +202,37 @@ class SegmentShards:
         for index, image in pixels.items():
             by_size[image.shape].append(index)
         results: dict[int, tuple[list[dict], list[dict]] | Exception] = {}
-        batch_size = loaded.config.batch_size
         for indices in by_size.values():
-            for start in range(0, len(indices), batch_size):
-                self._predict_isolating_failures(loaded, indices[start : start + batch_size], pixels, results)
+            self._predict_isolating_failures(loaded, indices, pixels, results)
         return results
 
-    def _predict_isolating_failures(self, loaded: LoadedModel, chunk: list[int], pixels: dict[int, torch.Tensor], results: dict) -> None:
+    def _predict_isolating_failures(self, loaded: LoadedModel, same_size: list[int], pixels: dict[int, torch.Tensor], results: dict) -> None:
+        """Predicts ``same_size`` (images of one size) in batches of the model's batch size, cut
+        to its pixel budget; halves a batch that runs out of memory, retries one that fails
+        otherwise image by image."""
+        image_pixels = pixels[same_size[0]][0].numel()
+        fits = loaded.config.batch_size
+        if loaded.pixel_budget is not None:
+            fits = max(1, min(fits, loaded.pixel_budget // image_pixels))
+        if len(same_size) > fits:
+            for start in range(0, len(same_size), fits):
+                self._predict_isolating_failures(loaded, same_size[start : start + fits], pixels, results)
+            return
         try:
-            results.update(zip(chunk, self._predict_batch(loaded, [pixels[index] for index in chunk])))
+            results.update(zip(same_size, self._predict_batch(loaded, [pixels[index] for index in same_size])))
         except Exception as error:  # noqa: BLE001 - isolate what fails, keep the rest
-            if len(chunk) == 1:
-                results[chunk[0]] = error
+            if len(same_size) == 1:
+                results[same_size[0]] = error
                 return
             if isinstance(error, torch.OutOfMemoryError):
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                halves = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
+                half = len(same_size) // 2 * image_pixels
+                loaded.pixel_budget = half if loaded.pixel_budget is None else min(loaded.pixel_budget, half)
+                self._predict_isolating_failures(loaded, same_size, pixels, results)
             else:
-                halves = [[index] for index in chunk]
-            for half in halves:
-                self._predict_isolating_failures(loaded, half, pixels, results)
+                for index in same_size:
+                    self._predict_isolating_failures(loaded, [index], pixels, results)
 
     def _predict_batch(self, loaded: LoadedModel, images: list[torch.Tensor]) -> list[tuple[list[dict], list[dict]]]:
         batch = torch.stack([image.to(self.device, non_blocking=True) for image in images])

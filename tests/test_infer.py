@@ -63,18 +63,20 @@ def _shard_batch(directory: Path, config: RunConfig) -> pa.Table:
     return read_shards(pa.table({"shard": [listing.shards[0].to_json()]}), image_column=config.image_column)
 
 
-def _segment(config: RunConfig, batch: pa.Table, capacity: int | None) -> tuple[list[dict], list[dict], list[int]]:
+def _segment(config: RunConfig, batch: pa.Table, capacity: int | None, *, calls: int = 1) -> tuple[list[dict], list[dict], list[int]]:
+    """The last of ``calls`` calls' rows, and the batch sizes the model saw over all of them."""
     weights = ray.put(resolve_weights("random", get_model_spec(config.model)))
     actor = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(
         capacity=capacity or 1 << 62, configs=[config], run_ids=["test"], device="cpu", weights=weights
     )
-    out = ray.get(actor.__call__.remote(batch))
+    for _ in range(calls):
+        out = ray.get(actor.__call__.remote(batch))
     images = unnest(out.column("images")[0], IMAGES_SCHEMA).to_pylist()
     masks = unnest(out.column("masks")[0], MASKS_SCHEMA).to_pylist()
     return images, masks, ray.get(actor.batch_sizes.remote())
 
 
-def test_out_of_memory_splits_the_batch_down_to_one_image(tmp_path: Path) -> None:
+def test_out_of_memory_splits_the_batch_down_to_one_image_and_later_batches_fit(tmp_path: Path) -> None:
     astronaut = photos()["astronaut"][::4, ::4]
     for copy in range(8):
         (tmp_path / f"square-{copy}.jpg").write_bytes(encode(astronaut, "JPEG", quality=60 + copy))
@@ -83,8 +85,10 @@ def test_out_of_memory_splits_the_batch_down_to_one_image(tmp_path: Path) -> Non
                        batch_size=8, run_date=dt.date(2026, 11, 25))  # fmt: skip
     batch = _shard_batch(tmp_path, config)
 
-    images, masks, batch_sizes = _segment(config, batch, capacity=2 * SQUARE_PIXELS)
-    assert batch_sizes == [8, 4, 2, 2, 4, 2, 2, 1]  # the squares halve until they fit; the wide image alone does not
+    images, masks, batch_sizes = _segment(config, batch, capacity=2 * SQUARE_PIXELS, calls=2)
+    first, second = batch_sizes[:7], batch_sizes[7:]
+    assert first == [8, 4, 2, 2, 2, 2, 1]  # the squares halve until they fit; the wide image alone does not
+    assert second == [2, 2, 2, 2, 1]  # the next shard's batches are cut to what fitted
     by_uri = {Path(row["uri"]).name: row for row in images}
     assert by_uri["wide.png"]["status"] == "error" and by_uri["wide.png"]["error_type"] == "out_of_memory"
     assert "CUDA out of memory" in by_uri["wide.png"]["error_message"]
