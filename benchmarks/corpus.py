@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,14 @@ from jobs.sample import encode, photos
 from jobs.synth import render
 
 
+@cache
+def _photo_sources() -> tuple[np.ndarray, ...]:
+    """scikit-image's photos, read once per process (each image is cut from one)."""
+    return tuple(photos().values())
+
+
 def _photo(rng: np.random.Generator, index: int, width: int, height: int) -> Image.Image:
-    sources = list(photos().values())
+    sources = _photo_sources()
     source = sources[index % len(sources)]
     scale = rng.uniform(0.6, 1.0)
     crop_height, crop_width = int(source.shape[0] * scale), int(source.shape[1] * scale)
