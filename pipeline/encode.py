@@ -50,12 +50,9 @@ def map_runs(maps: torch.Tensor) -> list[Runs]:
     starts_run[:, 1:] = flat[:, 1:] != flat[:, :-1]
     map_index, starts = starts_run.nonzero(as_tuple=True)
     values = flat[map_index, starts]
-    map_index, starts, values = map_index.cpu().numpy(), starts.cpu().numpy(), values.cpu().numpy()
+    map_index, starts, values = map_index.cpu().numpy(), starts.cpu().numpy(), values.cpu().numpy().astype(np.int64)
     bounds = np.searchsorted(map_index, np.arange(count + 1))
-    return [
-        Runs(starts[first:last].astype(np.int64), values[first:last].astype(np.int64), height, width)
-        for first, last in zip(bounds[:-1], bounds[1:])
-    ]
+    return [Runs(starts[first:last], values[first:last], height, width) for first, last in zip(bounds[:-1], bounds[1:])]
 
 
 def rle_string(counts: np.ndarray) -> str:
