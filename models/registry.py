@@ -58,6 +58,7 @@ VOC_CATEGORIES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 )  # fmt: skip
 
+
 @dataclass(frozen=True)
 class CudaExecution:
     """How a model runs fastest on a CUDA GPU, as ``benchmarks/throughput.py`` measured it on an
