@@ -54,7 +54,7 @@ def _semantic_metrics(module, weights, dataset: LabelledData, batch_size: int) -
     confusion = np.zeros((classes, classes), dtype=np.int64)
     for batch in _batches(dataset, batch_size):
         images = torch.stack([torch.from_numpy(sample.image).permute(2, 0, 1) for sample in batch])
-        for sample, predicted in zip(batch, predict_class_maps(module, images, weights.preprocessing).numpy()):
+        for sample, predicted in zip(batch, predict_class_maps(module, [images], weights.preprocessing)[0].numpy()):
             valid = sample.label != IGNORE_INDEX
             pairs = sample.label[valid].astype(np.int64) * classes + predicted[valid]
             confusion += np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)

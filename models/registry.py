@@ -42,6 +42,15 @@ class Preprocessing:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """``(height, width)`` of an image after the shorter-side resize, computed as torchvision's
+        ``resize`` computes it (the longer side rounded down)."""
+        if self.resize_shorter is None:
+            return height, width
+        short, long = sorted((height, width))
+        resized_long = int(self.resize_shorter * long / short)
+        return (self.resize_shorter, resized_long) if height <= width else (resized_long, self.resize_shorter)
+
     @classmethod
     def from_dict(cls, fields: dict) -> Preprocessing:
         """The inverse of ``dataclasses.asdict``, for JSON that turned tuples into lists."""

@@ -149,8 +149,11 @@ def summarize_detections(
     """:class:`Detections` of one image from its tensors (``masks``: boolean ``(K, H, W)``), with
     the runs and the union areas computed on the tensors' device."""
     covered = masks if masks is not None else _box_masks(boxes, height, width)
-    classes = labels.unique()
-    union_pixels = torch.stack([covered[labels == class_id].any(0).sum() for class_id in classes]) if len(classes) else classes
+    classes, class_of_mask = labels.unique(return_inverse=True)
+    # Masks covering a pixel, per class: a class's union is where its count is not zero.
+    coverage = covered.new_zeros((len(classes), height * width), dtype=torch.float32)
+    coverage.index_add_(0, class_of_mask, covered.reshape(len(labels), height * width).float())
+    union_pixels = (coverage > 0).sum(1)
     return Detections(
         boxes=boxes.cpu().numpy(),
         labels=labels.cpu().numpy(),

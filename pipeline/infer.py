@@ -33,6 +33,7 @@ one bad image never costs its neighbours.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ from torch import nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from models import ModelSpec, Preprocessing, Weights, get_model_spec
+from models.rcnn import detect, input_size, paste_masks
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
 from pipeline.encode import Detections, instance_rows, map_runs, semantic_rows, summarize_detections
@@ -197,55 +199,88 @@ class SegmentShards:
             return {index: _decode_on_host(images[index]["data"], self.max_pixels, False) for index in indices}
 
     def _predict(self, loaded: LoadedModel, pixels: dict[int, torch.Tensor]) -> dict[int, tuple[list[dict], list[dict]] | Exception]:
-        """Rows per image (or the exception it failed with), batching images of equal size."""
-        by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, image in pixels.items():
-            by_size[image.shape].append(index)
+        """Rows per image (or the exception it failed with), batching images of one model input
+        size: an image's results never depend on what else is in its batch."""
         results: dict[int, tuple[list[dict], list[dict]] | Exception] = {}
-        for indices in by_size.values():
-            self._predict_isolating_failures(loaded, indices, pixels, results)
+        for same_input in _indices_by(pixels, lambda image: model_input_size(loaded, *image.shape[-2:])).values():
+            self._predict_isolating_failures(loaded, same_input, pixels, results)
         return results
 
-    def _predict_isolating_failures(self, loaded: LoadedModel, same_size: list[int], pixels: dict[int, torch.Tensor], results: dict) -> None:
-        """Predicts ``same_size`` (images of one size) in batches of the model's batch size, cut
-        to its pixel budget; halves a batch that runs out of memory, retries one that fails
-        otherwise image by image."""
-        image_pixels = pixels[same_size[0]][0].numel()
-        fits = loaded.config.batch_size
-        if loaded.pixel_budget is not None:
-            fits = max(1, min(fits, loaded.pixel_budget // image_pixels))
-        if len(same_size) > fits:
-            for start in range(0, len(same_size), fits):
-                self._predict_isolating_failures(loaded, same_size[start : start + fits], pixels, results)
+    def _predict_isolating_failures(self, loaded: LoadedModel, same_input: list[int], pixels: dict[int, torch.Tensor], results: dict) -> None:
+        """Predicts ``same_input`` (images of one model input size) in batches of at most the
+        model's batch size and pixel budget; halves a batch that runs out of memory, retries one
+        that fails otherwise image by image."""
+        image_pixels = [pixels[index][0].numel() for index in same_input]
+        batches = _batches(same_input, image_pixels, most_images=loaded.config.batch_size, most_pixels=loaded.pixel_budget)
+        if len(batches) > 1:
+            for batch in batches:
+                self._predict_isolating_failures(loaded, batch, pixels, results)
             return
         try:
-            results.update(zip(same_size, self._predict_batch(loaded, [pixels[index] for index in same_size])))
+            results.update(zip(same_input, self._predict_batch(loaded, [pixels[index] for index in same_input])))
         except Exception as error:  # noqa: BLE001 - isolate what fails, keep the rest
-            if len(same_size) == 1:
-                results[same_size[0]] = error
+            if len(same_input) == 1:
+                results[same_input[0]] = error
                 return
             if isinstance(error, torch.OutOfMemoryError):
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                half = len(same_size) // 2 * image_pixels
+                half = sum(image_pixels) // 2
                 loaded.pixel_budget = half if loaded.pixel_budget is None else min(loaded.pixel_budget, half)
-                self._predict_isolating_failures(loaded, same_size, pixels, results)
+                self._predict_isolating_failures(loaded, same_input, pixels, results)
             else:
-                for index in same_size:
+                for index in same_input:
                     self._predict_isolating_failures(loaded, [index], pixels, results)
 
     def _predict_batch(self, loaded: LoadedModel, images: list[torch.Tensor]) -> list[tuple[list[dict], list[dict]]]:
-        batch = torch.stack([image.to(self.device, non_blocking=True) for image in images])
-        if loaded.spec.task == "semantic":
-            class_maps = predict_class_maps(
-                loaded.model, batch, loaded.preprocessing, bf16=loaded.bf16, channels_last=loaded.channels_last
-            )
-            return [semantic_rows(runs, loaded.categories) for runs in map_runs(class_maps)]
-        height, width = batch.shape[-2:]
-        return [
-            instance_rows(detections, loaded.categories, height=height, width=width)
-            for detections in predict_detections(loaded.model, batch, loaded.config.score_threshold, bf16=loaded.bf16)
-        ]
+        """Rows per image of ``images``, which share their model input size, in one forward pass."""
+        images = [image.to(self.device, non_blocking=True) for image in images]
+        if loaded.spec.task != "semantic":
+            return [
+                instance_rows(detections, loaded.categories, height=image.shape[-2], width=image.shape[-1])
+                for image, detections in zip(images, predict_detections(loaded.model, images, loaded.config.score_threshold, bf16=loaded.bf16))
+            ]  # fmt: skip
+        same_size = list(_indices_by(dict(enumerate(images)), lambda image: image.shape).values())
+        class_maps = predict_class_maps(
+            loaded.model,
+            [torch.stack([images[index] for index in indices]) for indices in same_size],
+            loaded.preprocessing,
+            bf16=loaded.bf16,
+            channels_last=loaded.channels_last,
+        )
+        rows = {}
+        for indices, maps in zip(same_size, class_maps):
+            rows.update(zip(indices, (semantic_rows(runs, loaded.categories) for runs in map_runs(maps))))
+        return [rows[index] for index in range(len(images))]
+
+
+def _indices_by(items: dict[int, torch.Tensor], key: Callable[[torch.Tensor], Hashable]) -> dict[Hashable, list[int]]:
+    """``items``' keys grouped by ``key`` of their values, in order."""
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for index, item in items.items():
+        groups[key(item)].append(index)
+    return groups
+
+
+def _batches(indices: list[int], pixels: list[int], *, most_images: int, most_pixels: int | None) -> list[list[int]]:
+    """``indices`` cut in order into batches of at most ``most_images`` images and ``most_pixels``
+    pixels (an image over the budget alone)."""
+    batches: list[list[int]] = []
+    batch_pixels = 0
+    for index, count in zip(indices, pixels):
+        if not batches or len(batches[-1]) == most_images or (most_pixels is not None and batch_pixels + count > most_pixels):
+            batches.append([])
+            batch_pixels = 0
+        batches[-1].append(index)
+        batch_pixels += count
+    return batches
+
+
+def model_input_size(loaded: LoadedModel, height: int, width: int) -> tuple[int, int]:
+    """The size an image of ``height`` x ``width`` has when it enters ``loaded``'s network."""
+    if loaded.spec.task == "semantic":
+        return loaded.preprocessing.resized(height, width)
+    return input_size(loaded.model, height, width)
 
 
 def execution(spec: ModelSpec, precision: str, device: torch.device) -> tuple[bool, bool]:
@@ -266,44 +301,48 @@ def model_input(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tens
 
 
 def predict_class_maps(
-    model: nn.Module, batch: torch.Tensor, preprocessing: Preprocessing, *, bf16: bool = False, channels_last: bool = False
-) -> torch.Tensor:
-    """Argmax class maps ``(N, H, W)`` at original size of a uint8 ``(N, 3, H, W)`` batch, on the
-    batch's device: uint8 for up to 256 classes, else int32."""
-    height, width = batch.shape[-2:]
-    inputs = model_input(batch, preprocessing)
+    model: nn.Module, batches: Sequence[torch.Tensor], preprocessing: Preprocessing, *, bf16: bool = False, channels_last: bool = False
+) -> list[torch.Tensor]:
+    """Argmax class maps at original size of uint8 ``(n, 3, H, W)`` batches whose images differ in
+    size but not in model input size: one forward pass for all, and per batch an ``(n, H, W)``
+    tensor on its device, uint8 for up to 256 classes, else int32."""
+    inputs = torch.cat([model_input(batch, preprocessing) for batch in batches])
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(inputs)["out"]
     classes = logits.shape[1]
     class_type = torch.uint8 if classes <= 256 else torch.int32
-    images_per_step = max(1, _UPSAMPLED_LOGITS_PER_STEP // (classes * height * width))
-    return torch.cat([
-        nn_functional.interpolate(step, size=(height, width), mode="bilinear", align_corners=False).argmax(1).to(class_type)
-        for step in logits.split(images_per_step)
-    ])  # fmt: skip
+    class_maps = []
+    for batch, batch_logits in zip(batches, logits.split([len(batch) for batch in batches])):
+        height, width = batch.shape[-2:]
+        images_per_step = max(1, _UPSAMPLED_LOGITS_PER_STEP // (classes * height * width))
+        class_maps.append(torch.cat([
+            nn_functional.interpolate(step, size=(height, width), mode="bilinear", align_corners=False).argmax(1).to(class_type)
+            for step in batch_logits.split(images_per_step)
+        ]))  # fmt: skip
+    return class_maps
 
 
-def predict_detections(model: nn.Module, batch: torch.Tensor, score_threshold: float, *, bf16: bool = False) -> list[Detections]:
-    """Detections scoring at least ``score_threshold`` in a uint8 ``(N, 3, H, W)`` batch, in original
-    pixels; masks (instance models only) are the probabilities above 0.5, run-length encoded
-    on the batch's device."""
-    height, width = batch.shape[-2:]
-    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
-        outputs = model(list(tv_functional.convert_image_dtype(batch, torch.float32)))
+def predict_detections(
+    model: nn.Module, images: Sequence[torch.Tensor], score_threshold: float, *, bf16: bool = False
+) -> list[Detections]:
+    """Detections scoring at least ``score_threshold`` in each uint8 ``(3, H, W)`` image (a list,
+    or a stacked batch), in original pixels; masks (instance models only) are the probabilities
+    above 0.5, pasted and run-length encoded on the images' device."""
+    with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
+        outputs = detect(model, [tv_functional.convert_image_dtype(image, torch.float32) for image in images])
     detections = []
-    for output in outputs:
+    for image, output in zip(images, outputs):
+        height, width = image.shape[-2:]
         keep = output["scores"] >= score_threshold
+        boxes = output["boxes"][keep].float()
         masks = output.get("masks")
+        if masks is not None:
+            masks = paste_masks(masks[keep, 0], boxes, height=height, width=width, threshold=_MASK_PROBABILITY_THRESHOLD)
         detections.append(
             summarize_detections(
-                output["boxes"][keep].float(),
-                output["labels"][keep],
-                output["scores"][keep].float(),
-                None if masks is None else masks[keep, 0] > _MASK_PROBABILITY_THRESHOLD,
-                height=height,
-                width=width,
+                boxes, output["labels"][keep], output["scores"][keep].float(), masks, height=height, width=width
             )
         )
     return detections

@@ -99,6 +99,23 @@ def test_out_of_memory_splits_the_batch_down_to_one_image_and_later_batches_fit(
     assert [row for row in masks] == [row for row in roomy_masks if not row["uri"].endswith("wide.png")]
 
 
+def test_images_of_different_sizes_that_enter_the_model_at_one_size_share_a_batch(tmp_path: Path) -> None:
+    astronaut = photos()["astronaut"]
+    for side in (64, 128, 256):  # all squares: 520x520 inside the model
+        (tmp_path / f"square-{side}.jpg").write_bytes(encode(astronaut[:: 512 // side, :: 512 // side], "JPEG"))
+    (tmp_path / "wide.png").write_bytes(encode(astronaut[:32:4, ::4], "PNG"))
+    config = RunConfig(input=str(tmp_path), output="unused", model="lraspp_mobilenet_v3_large", weights="random",
+                       batch_size=8, run_date=dt.date(2026, 11, 25))  # fmt: skip
+    batch = _shard_batch(tmp_path, config)
+
+    images, masks, batch_sizes = _segment(config, batch, capacity=None)
+    assert sorted(batch_sizes) == [1, 3]
+    assert sorted((row["width"], row["height"]) for row in images) == [(64, 64), (128, 8), (128, 128), (256, 256)]
+    alone_images, alone_masks, alone_sizes = _segment(config.model_copy(update={"batch_size": 1}), batch, capacity=None)
+    assert alone_sizes == [1, 1, 1, 1]
+    assert masks == alone_masks and images == alone_images
+
+
 @pytest.mark.parametrize(
     ("model", "precision", "device", "expected"),
     [
