@@ -56,8 +56,11 @@ class Weights:
     preprocessing: Preprocessing
 
     def build(self, model: ModelSpec) -> nn.Module:
-        """``model`` with these weights loaded, in eval mode on the CPU."""
-        module = model.build(num_classes=len(self.categories))
+        """``model`` with these weights loaded, in eval mode on the CPU, for inference: its
+        parameters are this state_dict's tensors, not copies. The model is built on the meta
+        device, so no time goes into initialising parameters that the weights replace."""
+        with torch.device("meta"):
+            module = model.build(num_classes=len(self.categories))
         load_state_dict_into(module, self.state_dict, model_name=model.name)
         return module
 
@@ -92,9 +95,10 @@ def resolve_weights(spec: str, model: ModelSpec) -> Weights:
 
 
 def load_state_dict_into(module: nn.Module, state_dict: dict[str, torch.Tensor], *, model_name: str) -> None:
-    """Strictly load ``state_dict`` (aux heads and a DDP ``module.`` prefix tolerated)."""
+    """Strictly load ``state_dict`` (aux heads and a DDP ``module.`` prefix tolerated), its
+    tensors becoming the module's (``assign``), as a module built on the meta device needs."""
     try:
-        module.load_state_dict(_normalise_keys(state_dict), strict=True)
+        module.load_state_dict(_normalise_keys(state_dict), strict=True, assign=True)
     except RuntimeError as error:
         first_problem = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
         raise ModelError(f"weights do not fit {model_name}: {first_problem}") from None

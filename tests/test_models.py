@@ -42,6 +42,17 @@ def test_random_weights_are_deterministic_and_load() -> None:
     assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
 
 
+def test_every_model_builds_from_its_weights_alone() -> None:
+    """Models are built on the meta device and take their tensors from the weights: nothing may
+    be left that the weights do not hold (a non-persistent buffer would be)."""
+    for spec in list_models():
+        weights = resolve_weights("random", spec)
+        module = weights.build(spec)
+        tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+        assert not [name for name, tensor in tensors.items() if tensor.is_meta], spec.name
+        assert all(tensor.device.type == "cpu" for tensor in tensors.values()), spec.name
+
+
 def test_unknown_preset_lists_the_choices() -> None:
     with pytest.raises(ModelError, match="choose one of: random, COCO_WITH_VOC_LABELS_V1, DEFAULT"):
         resolve_weights("IMAGENET", get_model_spec(SMALL))
