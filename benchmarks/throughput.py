@@ -49,6 +49,7 @@ from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
 from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
+from models.rcnn import detect, paste_masks
 from pipeline.infer import execution, model_input
 
 _WARMUP_STEPS = 3
@@ -57,36 +58,43 @@ _VARIANTS = {"fp32": (False, False), "bf16": (True, False), "bf16_channels_last"
 """Model-only variants measured on CUDA besides the pipeline's own: name -> (bf16, channels_last)."""
 
 
-def resized(width: int, height: int, preprocessing: Preprocessing) -> tuple[int, int]:
-    """(height, width) of a semantic model's input after its shorter-side resize."""
-    if preprocessing.resize_shorter is None:
-        return height, width
-    scale = preprocessing.resize_shorter / min(width, height)
-    return (preprocessing.resize_shorter, int(width * scale)) if height <= width else (int(height * scale), preprocessing.resize_shorter)
-
-
 def model_only(
     model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int,
-    bf16: bool, channels_last: bool,
+    bf16: bool, channels_last: bool, torchvision_forward: bool = False,
 ) -> dict:  # fmt: skip
-    """Images/s of the model alone on device-resident inputs, and its peak device memory."""
+    """Images/s of the model alone on device-resident inputs, and its peak device memory.
+
+    Instance and detection models run as the pipeline runs them (:func:`models.rcnn.detect`, then
+    the kept masks pasted in one batch); ``torchvision_forward`` times torchvision's own forward
+    instead, which pastes every mask one at a time."""
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = weights.build(spec).to(device, memory_format=memory_format).eval()
     if spec.task == "semantic":
-        inputs = torch.randn(batch_size, 3, *resized(width, height, weights.preprocessing), device=device)
+        inputs = torch.randn(batch_size, 3, *weights.preprocessing.resized(height, width), device=device)
         inputs = inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
         def step() -> None:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 model(inputs)["out"].argmax(1)
-    else:
+    elif torchvision_forward:
         images = [torch.rand(3, height, width, device=device) for _ in range(batch_size)]
 
         def step() -> None:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 model(images)
+    else:
+        images = [torch.rand(3, height, width, device=device) for _ in range(batch_size)]
+        threshold = RunConfig.model_fields["score_threshold"].default
+
+        def step() -> None:
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+                outputs = detect(model, images)
+            for output in outputs:
+                if "masks" in output:
+                    keep = output["scores"] >= threshold
+                    paste_masks(output["masks"][keep, 0], output["boxes"][keep], height=height, width=width, threshold=0.5)
 
     steps = min(_MAX_TIMED_STEPS, math.ceil(count / batch_size))
     torch.backends.cudnn.benchmark = device == "cuda"  # as the pipeline's actors run
@@ -139,10 +147,13 @@ class GpuSampler:
         return {"gpu_busy_percent": float(np.mean(self.utilisation)), "peak_gpu_memory_mib": max(self.memory_mib)}
 
 
-def end_to_end(directory: Path, output: Path, model_name: str, weights: str, *, device: str, batch_size: int) -> dict:
+def end_to_end(
+    directory: Path, output: Path, model_name: str, weights: str, *, device: str, batch_size: int, files_per_shard: int
+) -> dict:
     """Images/s of ``segpipe run`` from the files to the committed manifest (Ray already started)."""
     config = RunConfig(input=str(directory), output=str(output), model=model_name, weights=weights, device=device,
-                       batch_size=batch_size, run_date=dt.date(2026, 1, 1), max_error_rate=1.0)  # fmt: skip
+                       batch_size=batch_size, files_per_shard=files_per_shard, run_date=dt.date(2026, 1, 1),
+                       max_error_rate=1.0)  # fmt: skip
     sampler = GpuSampler() if device == "cuda" and shutil.which("nvidia-smi") else None
     started, wall_started = time.perf_counter(), time.time()
     if sampler is not None:
@@ -237,8 +248,9 @@ def _synchronize(device: str) -> None:
 
 
 def measure(
-    model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int, workdir: Path
-) -> dict:
+    model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int,
+    files_per_shard: int, workdir: Path,
+) -> dict:  # fmt: skip
     """Every figure of one benchmark run, as the ``--json`` object. Each phase's figures also go
     to stderr as it ends, so that a run stopped by a time limit keeps those it finished."""
     images = CORPORA[corpus](workdir / "images", count=count, width=width, height=height)
@@ -254,8 +266,11 @@ def measure(
     variants = _reported(
         "model-only variants", {name: timings[flags]["ips"] for name, flags in _VARIANTS.items() if flags in compared}
     )
+    torchvision_forward = None if spec.task == "semantic" else _reported(
+        "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
+    )
     whole = _reported("end-to-end", end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device,
-                                               batch_size=batch_size))  # fmt: skip
+                                               batch_size=batch_size, files_per_shard=files_per_shard))  # fmt: skip
     plain = _reported("baseline", baseline(images, workdir / "baseline-out", model_name, weights, device=device,
                                            batch_size=batch_size))  # fmt: skip
     return {
@@ -270,6 +285,8 @@ def measure(
         "model_only_ips": only["ips"],
         "model_only_precision": ("bf16" if bf16 else "fp32") + (" channels_last" if channels_last else ""),
         "model_only_variants_ips": variants,
+        "torchvision_forward_ips": torchvision_forward["ips"] if torchvision_forward else None,
+        "files_per_shard": files_per_shard,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
         "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
@@ -297,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=parse_size, default=(1024, 768), metavar="WxH", help="image size (default 1024x768)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--files-per-shard", type=int, default=64,
+                        help="images per shard in the end-to-end run (default 64: enough shards to keep every actor busy)")
     parser.add_argument("--weights", default="random", help="as segpipe run takes them (default: random)")
     parser.add_argument("--corpus", choices=sorted(CORPORA), default="photos", help="photos (default) or synthetic shapes")
     parser.add_argument("--workdir", type=Path, help="where the JPEGs and outputs go (default: a temporary folder)")
@@ -305,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
     width, height = args.size
     result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
-                     device=args.device, batch_size=args.batch_size, workdir=workdir)  # fmt: skip
+                     device=args.device, batch_size=args.batch_size, files_per_shard=args.files_per_shard,
+                     workdir=workdir)  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return

@@ -28,16 +28,29 @@ def test_tree_pss_counts_this_process() -> None:
     assert tree_pss(os.getpid()) > 10 << 20
 
 
-@pytest.mark.slow
-def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
+def _throughput(model: str, workdir: Path) -> dict:
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.throughput", "--model", "unet", "--weights", "shapes", "--corpus", "shapes",
-         "--count", "8", "--size", "128x96", "--device", "cpu", "--workdir", str(tmp_path), "--json"],
+        [sys.executable, "-m", "benchmarks.throughput", "--model", model, "--weights", "shapes", "--corpus", "shapes",
+         "--count", "8", "--size", "128x96", "--device", "cpu", "--files-per-shard", "4", "--workdir", str(workdir),
+         "--json"],
         cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
+    figures = _throughput("unet", tmp_path)
     for key in ("model_only_ips", "end_to_end_ips", "baseline_ips", "ratio_model", "ratio_baseline", "bytes_per_image"):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     assert figures["ok_images"] == 8 and figures["raw_class_map_bytes_per_rle_byte"] > 1
+    assert figures["files_per_shard"] == 4
+
+
+@pytest.mark.slow
+def test_throughput_harness_times_instance_models_as_the_pipeline_and_as_torchvision_run_them(tmp_path: Path) -> None:
+    figures = _throughput("maskrcnn_mobilenet_v3_small_fpn", tmp_path)
+    assert figures["model_only_ips"] > 0 and figures["torchvision_forward_ips"] > 0
+    assert figures["ok_images"] == 8 and figures["baseline_ips"] is None
