@@ -11,7 +11,8 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (actor start-up, model load, the first shard's work) and the steady rate after it,
-  from the written files' times;
+  from the written files' times, and from the manifest the slowest actor constructor and the
+  actors' seconds per stage (decode, model, encode, tables);
 - **baseline**: a plain Ray Data script written the way Ray's batch-inference documentation
   shows it (``read_images``, CPU preprocessing, ``map_batches`` with a model class, CPU
   post-processing, class maps written as raw arrays); semantic models only;
@@ -179,6 +180,8 @@ def end_to_end(
         "ok": counts["ok"],
         "bytes_per_image": counts["bytes_written"] / counts["images"],
         "raw_class_map_bytes_per_rle_byte": raw_class_map_bytes / rle_bytes if rle_bytes else None,
+        "actor_startup_seconds": manifest["timings"]["actor_startup_seconds"],
+        "actor_seconds": manifest["timings"]["actor_seconds"],
         **(sampler.summary() if sampler is not None else {"gpu_busy_percent": None, "peak_gpu_memory_mib": None}),
     }
 
@@ -290,6 +293,8 @@ def measure(
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
         "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
+        "end_to_end_actor_startup_seconds": whole["actor_startup_seconds"],
+        "end_to_end_actor_seconds": whole["actor_seconds"],
         "baseline_ips": plain["ips"] if plain else None,
         "ratio_model": whole["ips"] / only["ips"],
         "ratio_baseline": whole["ips"] / plain["ips"] if plain else None,

@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -134,6 +134,7 @@ def _run_together(plans: list[_Plan]) -> list[dict]:
     todo = [shard for shard in shards if any(shard.shard_id not in plan.written for plan in plans)]
     ray_startup_seconds = ensure_ray() if todo else 0.0
     started = time.monotonic()
+    first_shard_seconds = None
     rows: dict[str, dict[str, dict]] = {plan.run_id: dict(plan.written) for plan in plans}
     if todo:
         device, actors, actor_resources = _plan_actors(plans[0].config)
@@ -146,12 +147,16 @@ def _run_together(plans: list[_Plan]) -> list[dict]:
             )
         for row in _execute(plans, todo, device, actors, actor_resources):
             rows[row["run_id"]][row["shard_id"]] = row
-    seconds = time.monotonic() - started
-    return [_commit(plan, rows[plan.run_id], seconds, ray_startup_seconds, [other.run_id for other in plans if other is not plan])
-            for plan in plans]  # fmt: skip
+            first_shard_seconds = first_shard_seconds or time.monotonic() - started
+    timings = {
+        "seconds": round(time.monotonic() - started, 3),
+        "ray_startup_seconds": round(ray_startup_seconds, 3),
+        "first_shard_seconds": first_shard_seconds and round(first_shard_seconds, 3),
+    }
+    return [_commit(plan, rows[plan.run_id], timings, [other.run_id for other in plans if other is not plan]) for plan in plans]
 
 
-def _commit(plan: _Plan, shard_rows: dict[str, dict], seconds: float, ray_startup_seconds: float, decoded_with: list[str]) -> dict:
+def _commit(plan: _Plan, shard_rows: dict[str, dict], timings: dict, decoded_with: list[str]) -> dict:
     config, listing = plan.config, plan.listing
     remove_stale_shards(config.output, config.run_date, config.model, plan.run_id, keep={shard.shard_id for shard in listing.shards})
     manifest = _manifest(config, plan.run_id, plan.spec, plan.weights, listing.shards, shard_rows)
@@ -166,9 +171,23 @@ def _commit(plan: _Plan, shard_rows: dict[str, dict], seconds: float, ray_startu
     manifest["sources_uri"] = write_sources(
         config.output, plan.run_id, listing.shards, {shard_id: row["images"] for shard_id, row in shard_rows.items()}
     )
-    manifest["timings"] = {"seconds": round(seconds, 3), "ray_startup_seconds": round(ray_startup_seconds, 3)}
+    manifest["timings"] = timings | _actor_timings(shard_rows.values())
     manifest["committed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return write_manifest(config.output, plan.run_id, manifest)
+
+
+def _actor_timings(shard_rows: Iterable[dict]) -> dict:
+    """The slowest actor constructor, and the actors' seconds per stage summed over the shards
+    that this attempt processed (see :class:`pipeline.infer.SegmentShards`)."""
+    per_shard = [json.loads(row["actor_seconds"]) for row in shard_rows if row.get("actor_seconds")]
+    startups = [seconds.pop("startup") for seconds in per_shard if "startup" in seconds]
+    stages: Counter[str] = Counter()
+    for seconds in per_shard:
+        stages.update(seconds)
+    return {
+        "actor_startup_seconds": round(max(startups), 3) if startups else None,
+        "actor_seconds": {stage: round(total, 3) for stage, total in stages.most_common()},
+    }
 
 
 def error_rate_exceeded(manifest: dict) -> str | None:

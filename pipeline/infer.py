@@ -32,9 +32,12 @@ one bad image never costs its neighbours.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Hashable, Sequence
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -85,10 +88,19 @@ class LoadedModel:
 class SegmentShards:
     """Ray Data callable class for ``map_batches``: columns ``shard_id``, ``images`` -> one row
     per (shard, model) with ``shard_id``, ``run_id``, ``model``, ``images``, ``masks``,
-    ``class_stats``. Each image is decoded once, whatever the number of models; the runs
-    share ``input``, ``max_pixels`` and the device."""
+    ``class_stats`` and ``actor_seconds``. Each image is decoded once, whatever the number of
+    models; the runs share ``input``, ``max_pixels`` and the device.
+
+    ``actor_seconds`` is a JSON object of where the actor's time on the shard went: ``decode``
+    (waiting for pixels: the host threads decode the next window while the models run, so only
+    what they could not hide counts, plus the device's JPEG decoding), ``model`` (the forward
+    pass and the device's post-processing, until the runs and boxes are on the host),
+    ``encode`` (RLE strings and rows), ``tables`` (Arrow); the actor's first shard also carries
+    ``startup``, the seconds its constructor took (weights from the object store, model build,
+    move to the device)."""
 
     def __init__(self, *, configs: list[RunConfig], run_ids: list[str], device: str, weights: list[ray.ObjectRef]) -> None:
+        started = time.perf_counter()
         self.device = torch.device(device)
         if self.device.type == "cpu":
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
@@ -99,6 +111,8 @@ class SegmentShards:
         self.max_pixels = configs[0].max_pixels
         self.window = 4 * max(config.batch_size for config in configs)
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="decode")
+        self.seconds: Counter[str] = Counter({"startup": time.perf_counter() - started})
+        """Seconds per stage since the last shard was returned; ``startup`` until the first one."""
 
     def _load(self, config: RunConfig, run_id: str, weights: Weights) -> LoadedModel:
         spec = get_model_spec(config.model)
@@ -119,11 +133,23 @@ class SegmentShards:
                     columns["shard_id"].append(shard_id)
                     columns["run_id"].append(loaded.run_id)
                     columns["model"].append(loaded.config.model)
-                    columns["images"].append(nest(rows_to_table(images, IMAGES_SCHEMA)))
-                    columns["masks"].append(nest(rows_to_table(masks, MASKS_SCHEMA)))
-                    columns["class_stats"].append(nest(rows_to_table(stats, CLASS_STATS_SCHEMA)))
+                    with self._timed("tables"):
+                        columns["images"].append(nest(rows_to_table(images, IMAGES_SCHEMA)))
+                        columns["masks"].append(nest(rows_to_table(masks, MASKS_SCHEMA)))
+                        columns["class_stats"].append(nest(rows_to_table(stats, CLASS_STATS_SCHEMA)))
+                # Every model's row carries the shard's seconds: the stages serve all models at once.
+                columns["actor_seconds"] += [json.dumps({stage: round(s, 4) for stage, s in self.seconds.items()})] * len(per_model)
+                self.seconds.clear()
         tables = {name: pa.concat_arrays(columns[name]) for name in ("images", "masks", "class_stats")}
-        return pa.table({name: columns[name] for name in ("shard_id", "run_id", "model")} | tables)
+        return pa.table({name: columns[name] for name in ("shard_id", "run_id", "model", "actor_seconds")} | tables)
+
+    @contextmanager
+    def _timed(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - started
 
     def _segment_shard(self, shard_id: str, images: list[dict]) -> list[tuple[list[dict], list[dict], list[dict]]]:
         """Rows of the three tables for one shard's images, per model; ``images`` rows in input order."""
@@ -140,9 +166,10 @@ class SegmentShards:
         windows = [readable[start : start + self.window] for start in range(0, len(readable), self.window)]
         pending = self._decode_async(images, windows[0]) if windows else []
         for number, indices in enumerate(windows):
-            decoded = {index: future.result() for index, future in zip(indices, pending)}
-            pending = self._decode_async(images, windows[number + 1]) if number + 1 < len(windows) else []
-            decoded |= self._decode_on_device(images, [index for index, result in decoded.items() if result is None])
+            with self._timed("decode"):
+                decoded = {index: future.result() for index, future in zip(indices, pending)}
+                pending = self._decode_async(images, windows[number + 1]) if number + 1 < len(windows) else []
+                decoded |= self._decode_on_device(images, [index for index, result in decoded.items() if result is None])
             pixels: dict[int, torch.Tensor] = {}
             for index, result in decoded.items():
                 if isinstance(result, DecodeError):
@@ -236,22 +263,25 @@ class SegmentShards:
         """Rows per image of ``images``, which share their model input size, in one forward pass."""
         images = [image.to(self.device, non_blocking=True) for image in images]
         if loaded.spec.task != "semantic":
-            return [
-                instance_rows(detections, loaded.categories, height=image.shape[-2], width=image.shape[-1])
-                for image, detections in zip(images, predict_detections(loaded.model, images, loaded.config.score_threshold, bf16=loaded.bf16))
-            ]  # fmt: skip
+            with self._timed("model"):
+                detections = predict_detections(loaded.model, images, loaded.config.score_threshold, bf16=loaded.bf16)
+            with self._timed("encode"):
+                return [
+                    instance_rows(found, loaded.categories, height=image.shape[-2], width=image.shape[-1])
+                    for image, found in zip(images, detections)
+                ]
         same_size = list(_indices_by(dict(enumerate(images)), lambda image: image.shape).values())
-        class_maps = predict_class_maps(
-            loaded.model,
-            [torch.stack([images[index] for index in indices]) for indices in same_size],
-            loaded.preprocessing,
-            bf16=loaded.bf16,
-            channels_last=loaded.channels_last,
-        )
-        rows = {}
-        for indices, maps in zip(same_size, class_maps):
-            rows.update(zip(indices, (semantic_rows(runs, loaded.categories) for runs in map_runs(maps))))
-        return [rows[index] for index in range(len(images))]
+        with self._timed("model"):
+            class_maps = predict_class_maps(
+                loaded.model,
+                [torch.stack([images[index] for index in indices]) for indices in same_size],
+                loaded.preprocessing,
+                bf16=loaded.bf16,
+                channels_last=loaded.channels_last,
+            )
+            runs = {index: image_runs for indices, maps in zip(same_size, class_maps) for index, image_runs in zip(indices, map_runs(maps))}
+        with self._timed("encode"):
+            return [semantic_rows(runs[index], loaded.categories) for index in range(len(images))]
 
 
 def _indices_by(items: dict[int, torch.Tensor], key: Callable[[torch.Tensor], Hashable]) -> dict[Hashable, list[int]]:

@@ -39,8 +39,8 @@ def shard_file(output: str, table: str, run_date: dt.date, model: str, shard_id:
 
 def write_shards(batch: pa.Table, *, output: str, run_date: dt.date) -> pa.Table:
     """Ray Data batch function: rows of one shard's nested table rows for one run (columns
-    ``shard_id``, ``run_id``, ``model`` and the tables) -> one summary row each (see
-    :func:`shard_summary`, plus ``run_id``). Every file is stamped with its ``run_id`` in its
+    ``shard_id``, ``run_id``, ``model``, ``actor_seconds`` and the tables) -> one summary row
+    each (see :func:`shard_summary`, plus ``run_id`` and ``actor_seconds``). Every file is stamped with its ``run_id`` in its
     Parquet metadata."""
     summaries = []
     for row in range(batch.num_rows):
@@ -53,7 +53,8 @@ def write_shards(batch: pa.Table, *, output: str, run_date: dt.date) -> pa.Table
             )
             for name in WRITE_ORDER
         )
-        summaries.append({"run_id": run_id, **shard_summary(shard_id, tables["images"], tables["masks"], written)})
+        summary = shard_summary(shard_id, tables["images"], tables["masks"], written)
+        summaries.append({"run_id": run_id, **summary, "actor_seconds": batch.column("actor_seconds")[row].as_py()})
     return pa.Table.from_pylist(summaries)
 
 
