@@ -252,7 +252,7 @@ def _synchronize(device: str) -> None:
 
 def measure(
     model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int,
-    files_per_shard: int, workdir: Path,
+    files_per_shard: int, skip_baseline: bool, workdir: Path,
 ) -> dict:  # fmt: skip
     """Every figure of one benchmark run, as the ``--json`` object. Each phase's figures also go
     to stderr as it ends, so that a run stopped by a time limit keeps those it finished."""
@@ -274,8 +274,9 @@ def measure(
     )
     whole = _reported("end-to-end", end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device,
                                                batch_size=batch_size, files_per_shard=files_per_shard))  # fmt: skip
-    plain = _reported("baseline", baseline(images, workdir / "baseline-out", model_name, weights, device=device,
-                                           batch_size=batch_size))  # fmt: skip
+    plain = None if skip_baseline else _reported(
+        "baseline", baseline(images, workdir / "baseline-out", model_name, weights, device=device, batch_size=batch_size)
+    )
     return {
         "model": model_name,
         "weights": weights,
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--files-per-shard", type=int, default=64,
                         help="images per shard in the end-to-end run (default 64: enough shards to keep every actor busy)")
+    parser.add_argument("--skip-baseline", action="store_true", help="leave the plain Ray Data script out (baseline_ips null)")
     parser.add_argument("--weights", default="random", help="as segpipe run takes them (default: random)")
     parser.add_argument("--corpus", choices=sorted(CORPORA), default="photos", help="photos (default) or synthetic shapes")
     parser.add_argument("--workdir", type=Path, help="where the JPEGs and outputs go (default: a temporary folder)")
@@ -330,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     width, height = args.size
     result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
                      device=args.device, batch_size=args.batch_size, files_per_shard=args.files_per_shard,
-                     workdir=workdir)  # fmt: skip
+                     skip_baseline=args.skip_baseline, workdir=workdir)  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import corpus
 from benchmarks.corpus import write_jpegs
 from benchmarks.memory import tree_pss
 
@@ -22,6 +23,13 @@ def test_corpora_are_deterministic_photo_content(tmp_path: Path) -> None:
     second = write_jpegs(tmp_path / "b", count=3, width=160, height=120)
     assert [path.read_bytes() for path in sorted(first.iterdir())] == [path.read_bytes() for path in sorted(second.iterdir())]
     assert len({path.read_bytes() for path in first.iterdir()}) == 3
+
+
+def test_large_corpora_repeat_their_distinct_images_as_hard_links(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(corpus, "DISTINCT_IMAGES", 2)
+    files = sorted(write_jpegs(tmp_path, count=5, width=32, height=24).iterdir())
+    assert len(files) == 5 and len({path.stat().st_ino for path in files}) == 2
+    assert files[4].read_bytes() == files[0].read_bytes()
 
 
 def test_tree_pss_counts_this_process() -> None:
