@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-MODEL_FIELDS = ("model", "weights", "score_threshold", "batch_size", "precision")
+MODEL_FIELDS = ("model", "weights", "score_threshold", "batch_size", "precision", "compile")
 """What a ``models`` entry of a job spec may set; the rest is shared by all its runs."""
 _RUN_DATE_FIELD = re.compile(r"\{run_date(?::([^}]*))?\}")
 _TEMPLATED = ("input", "output")
@@ -49,6 +49,11 @@ class RunConfig(BaseModel):
         "auto",
         description="arithmetic of the model on a GPU: 'auto' takes what measured fastest for the model (bf16 autocast for "
         "torchvision's models, fp32 for segpipe's own); CPUs always run fp32",
+    )
+    compile: bool = Field(
+        False,
+        description="compile the network with torch.compile (TorchInductor) in each actor: the first batch of each input "
+        "size waits for the compiler (up to minutes), later ones may run faster; see BENCHMARKS.md before turning it on",
     )
     score_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="instance and detection models: keep detections scoring at least this"

@@ -121,8 +121,10 @@ class SegmentShards:
             # torchvision drops boxes under its own 0.05 before ours; a lower --score-threshold must win.
             model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
         bf16, channels_last = execution(spec, config.precision, self.device)
-        model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-        return LoadedModel(config, run_id, spec, weights.categories, weights.preprocessing, model.eval(), bf16, channels_last)
+        model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
+        if config.compile:
+            model = compile_network(model, spec.task)
+        return LoadedModel(config, run_id, spec, weights.categories, weights.preprocessing, model, bf16, channels_last)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns: dict[str, list] = defaultdict(list)
@@ -311,6 +313,17 @@ def model_input_size(loaded: LoadedModel, height: int, width: int) -> tuple[int,
     if loaded.spec.task == "semantic":
         return loaded.preprocessing.resized(height, width)
     return input_size(loaded.model, height, width)
+
+
+def compile_network(model: nn.Module, task: str) -> nn.Module:
+    """``model`` with its network compiled by ``torch.compile``: the whole model for semantic
+    models; the backbone for the R-CNN family, whose proposal and NMS stages change shape with
+    every image. Shapes are made dynamic once a second one is seen, so that partial batches and
+    other input sizes do not each cost a compilation."""
+    if task == "semantic":
+        return torch.compile(model)
+    model.backbone = torch.compile(model.backbone)
+    return model
 
 
 def execution(spec: ModelSpec, precision: str, device: torch.device) -> tuple[bool, bool]:

@@ -17,7 +17,7 @@ import ray
 import torch
 from torch import nn
 
-from jobs.sample import encode, photos
+from jobs.sample import encode, photos, shape_pngs
 from models import Weights, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.infer import SegmentShards, execution
@@ -47,15 +47,17 @@ class DeviceWithRoomFor(nn.Module):
 
 
 class MemoryLimitedSegmentShards(SegmentShards):
-    """The model actor with its model on a :class:`DeviceWithRoomFor` ``capacity`` pixels."""
+    """The model actor with its model on a :class:`DeviceWithRoomFor` ``capacity`` pixels
+    (semantic models, whose forward pass takes one batch tensor; others run as they are)."""
 
     def __init__(self, *, capacity: int, weights: Weights, **kwargs) -> None:
         # Ray hands an actor the value of an ObjectRef argument; the pipeline's actor expects refs
         super().__init__(weights=[ray.put(weights)], **kwargs)
-        self.models[0].model = DeviceWithRoomFor(self.models[0].model, capacity)
+        if self.models[0].spec.task == "semantic":
+            self.models[0].model = DeviceWithRoomFor(self.models[0].model, capacity)
 
     def batch_sizes(self) -> list[int]:
-        return self.models[0].model.batch_sizes
+        return getattr(self.models[0].model, "batch_sizes", [])
 
 
 def _shard_batch(directory: Path, config: RunConfig) -> pa.Table:
@@ -65,7 +67,7 @@ def _shard_batch(directory: Path, config: RunConfig) -> pa.Table:
 
 def _segment(config: RunConfig, batch: pa.Table, capacity: int | None, *, calls: int = 1) -> tuple[list[dict], list[dict], list[int]]:
     """The last of ``calls`` calls' rows, and the batch sizes the model saw over all of them."""
-    weights = ray.put(resolve_weights("random", get_model_spec(config.model)))
+    weights = ray.put(resolve_weights(config.weights, get_model_spec(config.model)))
     actor = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(
         capacity=capacity or 1 << 62, configs=[config], run_ids=["test"], device="cpu", weights=weights
     )
@@ -114,6 +116,20 @@ def test_images_of_different_sizes_that_enter_the_model_at_one_size_share_a_batc
     alone_images, alone_masks, alone_sizes = _segment(config.model_copy(update={"batch_size": 1}), batch, capacity=None)
     assert alone_sizes == [1, 1, 1, 1]
     assert masks == alone_masks and images == alone_images
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "weights"), [("unet", "shapes"), ("maskrcnn_mobilenet_v3_small_fpn", "shapes")])
+def test_a_compiled_network_writes_the_rows_of_the_eager_one(tmp_path: Path, model: str, weights: str) -> None:
+    for name, data in shape_pngs(2, seed=5, size=96).items():
+        (tmp_path / name).write_bytes(data)
+    config = RunConfig(input=str(tmp_path), output="unused", model=model, weights=weights, batch_size=2,
+                       run_date=dt.date(2026, 11, 26))  # fmt: skip
+    batch = _shard_batch(tmp_path, config)
+    eager_images, eager_masks, _ = _segment(config, batch, capacity=None)
+    images, masks, _ = _segment(config.model_copy(update={"compile": True}), batch, capacity=None)
+    assert images == eager_images and [row["status"] for row in images] == ["ok", "ok"]
+    assert [(row["label"], row["area"]) for row in masks] == [(row["label"], row["area"]) for row in eager_masks]
 
 
 @pytest.mark.parametrize(
