@@ -44,7 +44,7 @@ _CHECK_THREADS = 16
 _ACTORS_PER_GPU = 4
 _RUN_ID_FIELDS = (
     "input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels",
-    "incremental", "precision", "compile",
+    "incremental", "precision", "pad_to_multiple", "compile",
 )  # fmt: skip
 
 

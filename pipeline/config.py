@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-MODEL_FIELDS = ("model", "weights", "score_threshold", "batch_size", "precision", "compile")
+MODEL_FIELDS = ("model", "weights", "score_threshold", "batch_size", "precision", "pad_to_multiple", "compile")
 """What a ``models`` entry of a job spec may set; the rest is shared by all its runs."""
 _RUN_DATE_FIELD = re.compile(r"\{run_date(?::([^}]*))?\}")
 _TEMPLATED = ("input", "output")
@@ -49,6 +49,12 @@ class RunConfig(BaseModel):
         "auto",
         description="arithmetic of the model on a GPU: 'auto' takes what measured fastest for the model (bf16 autocast for "
         "torchvision's models, fp32 for segpipe's own); CPUs always run fp32",
+    )
+    pad_to_multiple: PositiveInt = Field(
+        1,
+        description="semantic models: pad each resized image on the right and bottom up to a multiple of this many pixels, "
+        "so that images of similar sizes share batches (their logits are cropped back); changes results near those "
+        "borders slightly; 1 pads nothing",
     )
     compile: bool = Field(
         False,

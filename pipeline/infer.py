@@ -33,6 +33,7 @@ one bad image never costs its neighbours.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -278,6 +279,7 @@ class SegmentShards:
                 loaded.model,
                 [torch.stack([images[index] for index in indices]) for indices in same_size],
                 loaded.preprocessing,
+                pad_to_multiple=loaded.config.pad_to_multiple,
                 bf16=loaded.bf16,
                 channels_last=loaded.channels_last,
             )
@@ -311,7 +313,8 @@ def _batches(indices: list[int], pixels: list[int], *, most_images: int, most_pi
 def model_input_size(loaded: LoadedModel, height: int, width: int) -> tuple[int, int]:
     """The size an image of ``height`` x ``width`` has when it enters ``loaded``'s network."""
     if loaded.spec.task == "semantic":
-        return loaded.preprocessing.resized(height, width)
+        multiple = loaded.config.pad_to_multiple
+        return tuple(math.ceil(side / multiple) * multiple for side in loaded.preprocessing.resized(height, width))
     return input_size(loaded.model, height, width)
 
 
@@ -344,12 +347,24 @@ def model_input(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tens
 
 
 def predict_class_maps(
-    model: nn.Module, batches: Sequence[torch.Tensor], preprocessing: Preprocessing, *, bf16: bool = False, channels_last: bool = False
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    preprocessing: Preprocessing,
+    *,
+    pad_to_multiple: int = 1,
+    bf16: bool = False,
+    channels_last: bool = False,
 ) -> list[torch.Tensor]:
     """Argmax class maps at original size of uint8 ``(n, 3, H, W)`` batches whose images differ in
     size but not in model input size: one forward pass for all, and per batch an ``(n, H, W)``
-    tensor on its device, uint8 for up to 256 classes, else int32."""
-    inputs = torch.cat([model_input(batch, preprocessing) for batch in batches])
+    tensor on its device, uint8 for up to 256 classes, else int32.
+
+    With ``pad_to_multiple`` above 1, each resized input is padded on the right and bottom (with
+    zeros: the mean colour, once normalised) up to a multiple of it, so that batches of similar
+    sizes enter together; the padding's logits are cropped away before upsampling."""
+    resized = [model_input(batch, preprocessing) for batch in batches]
+    height, width = (math.ceil(side / pad_to_multiple) * pad_to_multiple for side in resized[0].shape[-2:])
+    inputs = torch.cat([nn_functional.pad(batch, (0, width - batch.shape[-1], 0, height - batch.shape[-2])) for batch in resized])
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -357,8 +372,9 @@ def predict_class_maps(
     classes = logits.shape[1]
     class_type = torch.uint8 if classes <= 256 else torch.int32
     class_maps = []
-    for batch, batch_logits in zip(batches, logits.split([len(batch) for batch in batches])):
+    for batch, batch_input, batch_logits in zip(batches, resized, logits.split([len(batch) for batch in batches])):
         height, width = batch.shape[-2:]
+        batch_logits = batch_logits[..., : batch_input.shape[-2], : batch_input.shape[-1]]
         images_per_step = max(1, _UPSAMPLED_LOGITS_PER_STEP // (classes * height * width))
         class_maps.append(torch.cat([
             nn_functional.interpolate(step, size=(height, width), mode="bilinear", align_corners=False).argmax(1).to(class_type)

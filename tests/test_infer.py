@@ -118,6 +118,23 @@ def test_images_of_different_sizes_that_enter_the_model_at_one_size_share_a_batc
     assert masks == alone_masks and images == alone_images
 
 
+def test_padding_to_a_multiple_batches_similar_sizes_and_crops_back(tmp_path: Path) -> None:
+    astronaut = photos()["astronaut"]
+    (tmp_path / "a.jpg").write_bytes(encode(astronaut[:48, :64], "JPEG"))  # 520x693 inside the model
+    (tmp_path / "b.jpg").write_bytes(encode(astronaut[:52, :70], "JPEG"))  # 520x700
+    config = RunConfig(input=str(tmp_path), output="unused", model="lraspp_mobilenet_v3_large", weights="random",
+                       batch_size=8, run_date=dt.date(2026, 11, 26))  # fmt: skip
+    batch = _shard_batch(tmp_path, config)
+
+    exact_images, exact_masks, exact_sizes = _segment(config, batch, capacity=None)
+    padded_images, padded_masks, padded_sizes = _segment(config.model_copy(update={"pad_to_multiple": 32}), batch, capacity=None)
+    assert exact_sizes == [1, 1] and padded_sizes == [2]  # both become 520x704
+    assert padded_images == exact_images
+    assert [(row["label"], row["area"], row["width"]) for row in padded_masks] == [
+        (row["label"], row["area"], row["width"]) for row in exact_masks
+    ]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("model", "weights"), [("unet", "shapes"), ("maskrcnn_mobilenet_v3_small_fpn", "shapes")])
 def test_a_compiled_network_writes_the_rows_of_the_eager_one(tmp_path: Path, model: str, weights: str) -> None:
