@@ -32,6 +32,7 @@ one bad image never costs its neighbours.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -364,7 +365,9 @@ def predict_class_maps(
     sizes enter together; the padding's logits are cropped away before upsampling."""
     resized = [model_input(batch, preprocessing) for batch in batches]
     height, width = (math.ceil(side / pad_to_multiple) * pad_to_multiple for side in resized[0].shape[-2:])
-    inputs = torch.cat([nn_functional.pad(batch, (0, width - batch.shape[-1], 0, height - batch.shape[-2])) for batch in resized])
+    inputs = resized[0].new_zeros((sum(len(batch) for batch in batches), 3, height, width))
+    for batch, first in zip(resized, itertools.accumulate((len(batch) for batch in resized), initial=0)):
+        inputs[first : first + len(batch), :, : batch.shape[-2], : batch.shape[-1]] = batch
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):

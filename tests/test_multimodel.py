@@ -73,4 +73,4 @@ def test_spec_mistakes_are_one_line(spec: Path, tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(spec.read_text().replace("batch_size: 2", "colour: blue"))
     assert main(["run", "--spec", str(bad)]) == 2
-    assert "models[2]: unknown setting 'colour' (valid: model, weights, score_threshold, batch_size, precision)" in capsys.readouterr().err
+    assert "models[2]: unknown setting 'colour' (valid: model, weights, score_threshold, batch_size, precision, pad_to_multiple, compile)" in capsys.readouterr().err
