@@ -2,7 +2,7 @@
 # One call's worth of GPU work: the CUDA tests (tests/test_gpu.py), then issue 5's throughput
 # benchmarks on 1024x768 photo JPEGs. Run from the repository root on a machine with one CUDA
 # GPU, ray and segpipe importable; JSON results and logs go to $OUT (default bench-out/).
-# BENCHMARKS picks which run (default "deeplab lraspp maskrcnn"; also deeplab_compiled); each has its own time limit
+# BENCHMARKS picks which run (default "deeplab lraspp maskrcnn"; also deeplab_compiled and deeplab_cudagraphs); each has its own time limit
 # (*_SECONDS; TEST_SECONDS=0 skips the tests) and image count (*_COUNT), so that one that
 # overruns leaves the others their figures, and each benchmark phase logs its figures as it
 # ends. The defaults fill one 10-minute call. Counts are large so that start-up (10-25 s) does
@@ -30,9 +30,11 @@ for name in ${BENCHMARKS:-deeplab lraspp maskrcnn}; do
     deeplab) bench "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 ;;
     # lraspp has no baseline target (75.7 img/s on 2026-11-26); leaving it out buys a long run
     lraspp) bench "${LRASPP_SECONDS:-120}" lraspp_mobilenet_v3_large "${LRASPP_COUNT:-30000}" 32 64 --skip-baseline ;;
-    # torch.compile: compiled model-only and segpipe run --compile (each actor compiles once)
-    deeplab_compiled) bench "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile ;;
+    # torch.compile: compiled model-only and segpipe run --compile (each actor compiles once);
+    # cudagraphs: the same in mode reduce-overhead (CUDA graphs)
+    deeplab_compiled) bench "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile default ;;
+    deeplab_cudagraphs) bench "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile reduce-overhead ;;
     maskrcnn) bench "${MASKRCNN_SECONDS:-100}" maskrcnn_resnet50_fpn "${MASKRCNN_COUNT:-1280}" 8 32 ;;
-    *) echo "unknown benchmark $name (deeplab, deeplab_compiled, lraspp, maskrcnn)" ;;
+    *) echo "unknown benchmark $name (deeplab, deeplab_compiled, deeplab_cudagraphs, lraspp, maskrcnn)" ;;
   esac
 done

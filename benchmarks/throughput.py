@@ -17,8 +17,8 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   shows it (``read_images``, CPU preprocessing, ``map_batches`` with a model class, CPU
   post-processing, class maps written as raw arrays); semantic models only (``--skip-baseline``
   leaves it out);
-- with ``--compile``: the model-only figure once more with the network compiled, and the
-  end-to-end run with ``segpipe run --compile``;
+- with ``--compile MODE``: the model-only figure once more with the network compiled in that
+  mode, and the end-to-end run with ``segpipe run --compile MODE``;
 
 and reports images/s for each, the ratios, output bytes per image, how the RLE masks compare
 with raw uint8 class maps, and on CUDA the peak GPU memory and mean GPU utilisation during the
@@ -64,20 +64,20 @@ _VARIANTS = {"fp32": (False, False), "bf16": (True, False), "bf16_channels_last"
 
 def model_only(
     model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int,
-    bf16: bool, channels_last: bool, torchvision_forward: bool = False, compiled: bool = False,
+    bf16: bool, channels_last: bool, torchvision_forward: bool = False, compile_mode: str = "off",
 ) -> dict:  # fmt: skip
     """Images/s of the model alone on device-resident inputs, and its peak device memory.
 
     Instance and detection models run as the pipeline runs them (:func:`models.rcnn.detect`, then
     the kept masks pasted in one batch); ``torchvision_forward`` times torchvision's own forward
-    instead, which pastes every mask one at a time. ``compiled`` compiles the network as
+    instead, which pastes every mask one at a time. ``compile_mode`` compiles the network as
     ``--compile`` does (the compilation happens in the untimed warm-up)."""
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
     model = weights.build(spec).to(device, memory_format=memory_format).eval()
-    if compiled:
-        model = compile_network(model, spec.task)
+    if compile_mode != "off":
+        model = compile_network(model, spec.task, compile_mode)
     if spec.task == "semantic":
         inputs = torch.randn(batch_size, 3, *weights.preprocessing.resized(height, width), device=device)
         inputs = inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -156,11 +156,11 @@ class GpuSampler:
 
 def end_to_end(
     directory: Path, output: Path, model_name: str, weights: str, *, device: str, batch_size: int, files_per_shard: int,
-    compile: bool,
+    compile_mode: str,
 ) -> dict:  # fmt: skip
     """Images/s of ``segpipe run`` from the files to the committed manifest (Ray already started)."""
     config = RunConfig(input=str(directory), output=str(output), model=model_name, weights=weights, device=device,
-                       batch_size=batch_size, files_per_shard=files_per_shard, compile=compile, run_date=dt.date(2026, 1, 1),
+                       batch_size=batch_size, files_per_shard=files_per_shard, compile=compile_mode, run_date=dt.date(2026, 1, 1),
                        max_error_rate=1.0)  # fmt: skip
     sampler = GpuSampler() if device == "cuda" and shutil.which("nvidia-smi") else None
     started, wall_started = time.perf_counter(), time.time()
@@ -259,7 +259,7 @@ def _synchronize(device: str) -> None:
 
 def measure(
     model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int,
-    files_per_shard: int, skip_baseline: bool, compile: bool, workdir: Path,
+    files_per_shard: int, skip_baseline: bool, compile_mode: str, workdir: Path,
 ) -> dict:  # fmt: skip
     """Every figure of one benchmark run, as the ``--json`` object. Each phase's figures also go
     to stderr as it ends, so that a run stopped by a time limit keeps those it finished."""
@@ -277,12 +277,12 @@ def measure(
         "model-only variants", {name: timings[flags]["ips"] for name, flags in _VARIANTS.items() if flags in compared}
     )
     compiled = _reported("model-only, compiled", model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last,
-                                                            compiled=True)) if compile else None  # fmt: skip
+                                                            compile_mode=compile_mode)) if compile_mode != "off" else None  # fmt: skip
     torchvision_forward = None if spec.task == "semantic" else _reported(
         "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
     )
     whole = _reported("end-to-end", end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device,
-                                               batch_size=batch_size, files_per_shard=files_per_shard, compile=compile))  # fmt: skip
+                                               batch_size=batch_size, files_per_shard=files_per_shard, compile_mode=compile_mode))  # fmt: skip
     plain = None if skip_baseline else _reported(
         "baseline", baseline(images, workdir / "baseline-out", model_name, weights, device=device, batch_size=batch_size)
     )
@@ -299,7 +299,7 @@ def measure(
         "model_only_precision": ("bf16" if bf16 else "fp32") + (" channels_last" if channels_last else ""),
         "model_only_variants_ips": variants,
         "torchvision_forward_ips": torchvision_forward["ips"] if torchvision_forward else None,
-        "compiled": compile,
+        "compile": compile_mode,
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
         "files_per_shard": files_per_shard,
         "end_to_end_ips": whole["ips"],
@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files-per-shard", type=int, default=64,
                         help="images per shard in the end-to-end run (default 64: enough shards to keep every actor busy)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave the plain Ray Data script out (baseline_ips null)")
-    parser.add_argument("--compile", action="store_true",
-                        help="time the model compiled too, and run segpipe with --compile (compilation is not timed in model-only)")
+    parser.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
+                        help="time the model compiled in this mode too, and run segpipe with --compile MODE "
+                             "(compilation is not timed in model-only)")
     parser.add_argument("--weights", default="random", help="as segpipe run takes them (default: random)")
     parser.add_argument("--corpus", choices=sorted(CORPORA), default="photos", help="photos (default) or synthetic shapes")
     parser.add_argument("--workdir", type=Path, help="where the JPEGs and outputs go (default: a temporary folder)")
@@ -345,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     width, height = args.size
     result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
                      device=args.device, batch_size=args.batch_size, files_per_shard=args.files_per_shard,
-                     skip_baseline=args.skip_baseline, compile=args.compile, workdir=workdir)  # fmt: skip
+                     skip_baseline=args.skip_baseline, compile_mode=args.compile, workdir=workdir)  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return

@@ -56,10 +56,11 @@ class RunConfig(BaseModel):
         "so that images of similar sizes share batches (their logits are cropped back); changes results near those "
         "borders slightly; 1 pads nothing",
     )
-    compile: bool = Field(
-        False,
-        description="compile the network with torch.compile (TorchInductor) in each actor: the first batch of each input "
-        "size waits for the compiler (up to minutes), later ones may run faster; see BENCHMARKS.md before turning it on",
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off",
+        description="compile the network with torch.compile in each actor, in this mode ('reduce-overhead' adds CUDA "
+        "graphs on GPUs): the first batch of each input size waits for the compiler (up to minutes), later ones may run "
+        "faster; see BENCHMARKS.md before turning it on",
     )
     score_threshold: float = Field(
         0.5, ge=0.0, le=1.0, description="instance and detection models: keep detections scoring at least this"

@@ -124,8 +124,8 @@ class SegmentShards:
             model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
         bf16, channels_last = execution(spec, config.precision, self.device)
         model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
-        if config.compile:
-            model = compile_network(model, spec.task)
+        if config.compile != "off":
+            model = compile_network(model, spec.task, config.compile)
         return LoadedModel(config, run_id, spec, weights.categories, weights.preprocessing, model, bf16, channels_last)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -319,14 +319,14 @@ def model_input_size(loaded: LoadedModel, height: int, width: int) -> tuple[int,
     return input_size(loaded.model, height, width)
 
 
-def compile_network(model: nn.Module, task: str) -> nn.Module:
-    """``model`` with its network compiled by ``torch.compile``: the whole model for semantic
-    models; the backbone for the R-CNN family, whose proposal and NMS stages change shape with
-    every image. Shapes are made dynamic once a second one is seen, so that partial batches and
-    other input sizes do not each cost a compilation."""
+def compile_network(model: nn.Module, task: str, mode: str) -> nn.Module:
+    """``model`` with its network compiled by ``torch.compile`` in ``mode``: the whole model for
+    semantic models; the backbone for the R-CNN family, whose proposal and NMS stages change
+    shape with every image. Shapes are made dynamic once a second one is seen, so that partial
+    batches and other input sizes do not each cost a compilation."""
     if task == "semantic":
-        return torch.compile(model)
-    model.backbone = torch.compile(model.backbone)
+        return torch.compile(model, mode=mode)
+    model.backbone = torch.compile(model.backbone, mode=mode)
     return model
 
 

@@ -144,7 +144,7 @@ def test_a_compiled_network_writes_the_rows_of_the_eager_one(tmp_path: Path, mod
                        run_date=dt.date(2026, 11, 26))  # fmt: skip
     batch = _shard_batch(tmp_path, config)
     eager_images, eager_masks, _ = _segment(config, batch, capacity=None)
-    images, masks, _ = _segment(config.model_copy(update={"compile": True}), batch, capacity=None)
+    images, masks, _ = _segment(config.model_copy(update={"compile": "default"}), batch, capacity=None)
     assert images == eager_images and [row["status"] for row in images] == ["ok", "ok"]
     assert [(row["label"], row["area"]) for row in masks] == [(row["label"], row["area"]) for row in eager_masks]
 
