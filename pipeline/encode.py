@@ -59,39 +59,81 @@ def rle_string(counts: np.ndarray) -> str:
     """COCO's compressed form of run lengths (``rleToString`` in pycocotools' maskApi.c): each
     count (from the third on, its difference to the count two before) in 5-bit groups, least
     significant first, with a continuation bit, as characters from 48."""
+    return _rle_strings(counts, np.zeros(1, dtype=np.int64))[0]
+
+
+def _rle_strings(counts: np.ndarray, offsets: np.ndarray) -> list[str]:
+    """:func:`rle_string` of several masks at once: their counts concatenated, each mask's
+    starting at its entry of ``offsets``."""
+    position_in_mask = np.arange(counts.size) - np.repeat(offsets, np.diff(np.append(offsets, counts.size)))
     deltas = counts.astype(np.int64)
-    deltas[3:] -= counts[1:-2]
-    groups = int(np.abs(deltas).max(initial=0)).bit_length() // 5 + 1  # enough for the sign bit too
-    shifted = deltas[:, None] >> (5 * np.arange(groups))
-    chunks = shifted & 0x1F
-    rest = shifted >> 5
-    more = np.where(chunks & 0x10, rest != -1, rest != 0)
-    emitted = np.argmax(~more, axis=1) + 1
-    codes = chunks + np.where(more, 0x20, 0) + 48
-    return codes[np.arange(groups) < emitted[:, None]].astype(np.uint8).tobytes().decode("ascii")
+    from_third = np.flatnonzero(position_in_mask >= 3)
+    deltas[from_third] -= counts[from_third - 2]
+    # Characters per count: enough 5-bit groups to hold it and its sign bit.
+    magnitude = np.where(deltas < 0, ~deltas, deltas)
+    most = int(magnitude.max()).bit_length() // 5 + 1
+    emitted = np.ones(deltas.size, dtype=np.int64) + sum(magnitude >= 1 << (5 * groups - 1) for groups in range(1, most))
+    of_count = np.repeat(np.arange(deltas.size), emitted)
+    group = np.arange(of_count.size) - np.repeat(np.cumsum(emitted) - emitted, emitted)
+    codes = (deltas[of_count] >> (5 * group)) & 0x1F | np.where(group < emitted[of_count] - 1, 0x20, 0)
+    text = (codes + 48).astype(np.uint8).tobytes().decode("ascii")
+    bounds = np.append(0, np.cumsum(np.add.reduceat(emitted, offsets))).tolist()
+    return [text[first:last] for first, last in zip(bounds[:-1], bounds[1:])]
 
 
 def encode_runs(runs: Runs) -> dict[int, EncodedMask]:
     """One mask per value present in a map's runs, keyed by value."""
-    total = runs.height * runs.width
-    ends = np.append(runs.starts[1:], total)
-    encoded: dict[int, EncodedMask] = {}
-    for value in np.unique(runs.values).tolist():
-        selected = runs.values == value
-        run_starts, run_ends = runs.starts[selected], ends[selected]
-        counts = np.empty(2 * run_starts.size + 1, dtype=np.int64)
-        counts[0] = run_starts[0]
-        counts[2:-1:2] = run_starts[1:] - run_ends[:-1]
-        counts[1::2] = run_ends - run_starts
-        counts[-1] = total - run_ends[-1]
-        if counts[-1] == 0:
-            counts = counts[:-1]
-        encoded[value] = EncodedMask(
-            area=int((run_ends - run_starts).sum()),
-            bbox=_runs_bbox(run_starts, run_ends, runs.height),
-            rle=rle_string(counts),
-        )
-    return encoded
+    ends = np.append(runs.starts[1:], runs.height * runs.width)
+    by_value = np.argsort(runs.values, kind="stable")
+    return _encode_keyed_runs(runs.values[by_value], runs.starts[by_value], ends[by_value], height=runs.height, width=runs.width)
+
+
+def encode_masks(masks: list[Runs]) -> list[EncodedMask | None]:
+    """Each binary mask's (``None`` where it is empty), encoded together: one pass for all of
+    an image's instances rather than one per instance."""
+    if not masks:
+        return []
+    height, width = masks[0].height, masks[0].width
+    starts = np.concatenate([mask.starts for mask in masks])
+    ends = np.concatenate([np.append(mask.starts[1:], height * width) for mask in masks])
+    of_mask = np.repeat(np.arange(len(masks)), [len(mask.starts) for mask in masks])
+    ones = np.concatenate([mask.values for mask in masks]) == 1
+    encoded = _encode_keyed_runs(of_mask[ones], starts[ones], ends[ones], height=height, width=width)
+    return [encoded.get(index) for index in range(len(masks))]
+
+
+def _encode_keyed_runs(keys: np.ndarray, starts: np.ndarray, ends: np.ndarray, *, height: int, width: int) -> dict[int, EncodedMask]:
+    """One mask per key from the runs that it covers: ``keys`` grouped, and each key's runs in
+    column-major order."""
+    if keys.size == 0:
+        return {}
+    total = height * width
+    first = np.flatnonzero(np.append(True, keys[1:] != keys[:-1]))
+    last = np.append(first[1:], keys.size) - 1
+    lengths = ends - starts
+    gaps = starts - np.append(0, ends[:-1])
+    gaps[first] = starts[first]
+    tails = total - ends[last]
+    # Per key: gap, length for each run, then the zeros after the last run unless there are none.
+    counts = np.insert(np.stack([gaps, lengths], axis=1).ravel(), 2 * last[tails > 0] + 2, tails[tails > 0])
+    counts_per_key = 2 * (last - first + 1) + (tails > 0)
+    strings = _rle_strings(counts, np.append(0, np.cumsum(counts_per_key)[:-1]))
+    first_column, last_column = starts // height, (ends - 1) // height
+    one_column = first_column == last_column
+    # A run that wraps into the next column covers the bottom of one and the top of the other.
+    top = np.where(one_column, starts % height, 0)
+    bottom = np.where(one_column, (ends - 1) % height, height - 1)
+    boxes = np.stack([
+        np.minimum.reduceat(first_column, first),
+        np.minimum.reduceat(top, first),
+        np.maximum.reduceat(last_column, first) + 1,
+        np.maximum.reduceat(bottom, first) + 1,
+    ], axis=1).astype(float).tolist()  # fmt: skip
+    areas = np.add.reduceat(lengths, first).tolist()
+    return {
+        key: EncodedMask(area=area, bbox=tuple(box), rle=rle)
+        for key, area, box, rle in zip(keys[first].tolist(), areas, boxes, strings)
+    }
 
 
 def encode_class_map(class_map: np.ndarray) -> dict[int, EncodedMask]:
@@ -102,20 +144,6 @@ def encode_class_map(class_map: np.ndarray) -> dict[int, EncodedMask]:
 def encode_mask(mask: np.ndarray) -> EncodedMask | None:
     """A binary ``(H, W)`` mask, or ``None`` when it is empty."""
     return encode_class_map(mask.astype(np.uint8, copy=False)).get(1)
-
-
-def _runs_bbox(starts: np.ndarray, ends: np.ndarray, height: int) -> tuple[float, float, float, float]:
-    first_column, last_column = starts // height, (ends - 1) // height
-    one_column = first_column == last_column
-    # A run that wraps into the next column covers the bottom of one and the top of the other.
-    top = np.where(one_column, starts % height, 0)
-    bottom = np.where(one_column, (ends - 1) % height, height - 1)
-    return (
-        float(first_column.min()),
-        float(top.min()),
-        float(last_column.max() + 1),
-        float(bottom.max() + 1),
-    )
 
 
 def semantic_rows(runs: Runs, categories: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
@@ -171,13 +199,14 @@ def instance_rows(detections: Detections, categories: tuple[str, ...], *, height
     pixels covered by the union of a class's masks (or boxes).
     """
     mask_rows = []
+    encoded_masks = encode_masks(detections.masks) if detections.masks is not None else []
     for index, class_id in enumerate(detections.labels.tolist()):
         box = tuple(float(v) for v in detections.boxes[index])
         if detections.masks is None:
             x1, y1, x2, y2 = box
             encoded = EncodedMask(area=round((x2 - x1) * (y2 - y1)), bbox=box, rle=None)
         else:
-            encoded = encode_runs(detections.masks[index]).get(1) or _empty_mask(height * width)
+            encoded = encoded_masks[index] or _empty_mask(height * width)
         kind = "box" if detections.masks is None else "instance"
         score = float(detections.scores[index])
         mask_rows.append(_mask_row(index, kind, class_id, categories[class_id], score, box, encoded, height, width))

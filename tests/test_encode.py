@@ -7,7 +7,7 @@ import pycocotools.mask as coco_mask
 import pytest
 import torch
 
-from pipeline.encode import encode_class_map, encode_mask, instance_rows, map_runs, semantic_rows, summarize_detections
+from pipeline.encode import encode_class_map, encode_mask, encode_masks, instance_rows, map_runs, semantic_rows, summarize_detections
 
 CATEGORIES = tuple(f"c{i}" for i in range(6))
 
@@ -52,6 +52,20 @@ def test_random_binary_masks_round_trip() -> None:
         assert encoded is not None
         assert np.array_equal(_decode(encoded.rle, 97, 131), mask)
     assert encode_mask(np.zeros((5, 5), dtype=bool)) is None
+
+
+def test_masks_encoded_together_equal_pycocotools_one_by_one() -> None:
+    rng = np.random.default_rng(11)
+    masks = rng.random((12, 61, 47)) < rng.random((12, 1, 1))
+    masks[3] = False  # empty
+    masks[4] = True  # full
+    masks[5, :, 20:] = True  # a block, then the zeros after it: no tail count
+    encoded = encode_masks(map_runs(torch.from_numpy(masks)))
+    assert encoded[3] is None
+    for mask, one in zip(masks, encoded):
+        if mask.any():
+            assert one.rle == coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+            assert one.area == mask.sum()
 
 
 def test_runs_of_a_batch_are_each_maps_own() -> None:
