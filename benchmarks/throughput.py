@@ -155,13 +155,12 @@ class GpuSampler:
 
 
 def end_to_end(
-    directory: Path, output: Path, model_name: str, weights: str, *, device: str, batch_size: int, files_per_shard: int,
-    compile_mode: str,
-) -> dict:  # fmt: skip
-    """Images/s of ``segpipe run`` from the files to the committed manifest (Ray already started)."""
+    directory: Path, output: Path, model_name: str, weights: str, *, device: str, batch_size: int, settings: dict
+) -> dict:
+    """Images/s of ``segpipe run`` from the files to the committed manifest (Ray already started);
+    ``settings``: more of its :class:`RunConfig` fields."""
     config = RunConfig(input=str(directory), output=str(output), model=model_name, weights=weights, device=device,
-                       batch_size=batch_size, files_per_shard=files_per_shard, compile=compile_mode, run_date=dt.date(2026, 1, 1),
-                       max_error_rate=1.0)  # fmt: skip
+                       batch_size=batch_size, run_date=dt.date(2026, 1, 1), max_error_rate=1.0, **settings)  # fmt: skip
     sampler = GpuSampler() if device == "cuda" and shutil.which("nvidia-smi") else None
     started, wall_started = time.perf_counter(), time.time()
     if sampler is not None:
@@ -259,7 +258,7 @@ def _synchronize(device: str) -> None:
 
 def measure(
     model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int,
-    files_per_shard: int, skip_baseline: bool, compile_mode: str, workdir: Path,
+    settings: dict, skip_baseline: bool, workdir: Path,
 ) -> dict:  # fmt: skip
     """Every figure of one benchmark run, as the ``--json`` object. Each phase's figures also go
     to stderr as it ends, so that a run stopped by a time limit keeps those it finished."""
@@ -276,13 +275,15 @@ def measure(
     variants = _reported(
         "model-only variants", {name: timings[flags]["ips"] for name, flags in _VARIANTS.items() if flags in compared}
     )
-    compiled = _reported("model-only, compiled", model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last,
-                                                            compile_mode=compile_mode)) if compile_mode != "off" else None  # fmt: skip
+    compiled = None if settings["compile"] == "off" else _reported(
+        "model-only, compiled",
+        model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last, compile_mode=settings["compile"]),
+    )
     torchvision_forward = None if spec.task == "semantic" else _reported(
         "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
     )
     whole = _reported("end-to-end", end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device,
-                                               batch_size=batch_size, files_per_shard=files_per_shard, compile_mode=compile_mode))  # fmt: skip
+                                               batch_size=batch_size, settings=settings))  # fmt: skip
     plain = None if skip_baseline else _reported(
         "baseline", baseline(images, workdir / "baseline-out", model_name, weights, device=device, batch_size=batch_size)
     )
@@ -299,9 +300,8 @@ def measure(
         "model_only_precision": ("bf16" if bf16 else "fp32") + (" channels_last" if channels_last else ""),
         "model_only_variants_ips": variants,
         "torchvision_forward_ips": torchvision_forward["ips"] if torchvision_forward else None,
-        "compile": compile_mode,
+        "segpipe_settings": settings,
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
-        "files_per_shard": files_per_shard,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
         "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
@@ -333,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--files-per-shard", type=int, default=64,
                         help="images per shard in the end-to-end run (default 64: enough shards to keep every actor busy)")
+    parser.add_argument("--actors", type=int, help="model actors of the end-to-end run (default: segpipe's)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave the plain Ray Data script out (baseline_ips null)")
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                         help="time the model compiled in this mode too, and run segpipe with --compile MODE "
@@ -345,8 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
     width, height = args.size
     result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
-                     device=args.device, batch_size=args.batch_size, files_per_shard=args.files_per_shard,
-                     skip_baseline=args.skip_baseline, compile_mode=args.compile, workdir=workdir)  # fmt: skip
+                     device=args.device, batch_size=args.batch_size, skip_baseline=args.skip_baseline, workdir=workdir,
+                     settings={"files_per_shard": args.files_per_shard, "compile": args.compile, "actors": args.actors})  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return
