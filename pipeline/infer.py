@@ -4,14 +4,16 @@ The models (one per run; a job spec may list several over the same input) are bu
 actor from the state_dicts that the driver put in the Ray object store. ``__call__`` is a pure
 batch -> batch function under ``torch.inference_mode()``: it decodes the shard's images a
 window at a time in a thread pool (the next window decodes while the models run), once for all
-models, runs each model on batches of up to its ``batch_size`` images of equal size, and
-encodes the results (:mod:`pipeline.encode`).
+models, runs each model on batches of up to its ``batch_size`` images that enter its network
+at one size (so that no image's results depend on its neighbours; ``pad_to_multiple`` rounds
+semantic inputs up to share more batches), and encodes the results (:mod:`pipeline.encode`).
 
 On a GPU, compressed bytes are what crosses the object store and the host: complete RGB JPEGs
 are decoded a window at a time on the device (nvjpeg, through ``torchvision.io.decode_jpeg``),
 other images on the host threads, and resizing, normalising, the model (bf16 autocast and
 channels_last as the model's :class:`~models.registry.CudaExecution` says, under
-``--precision auto``), logit upsampling, argmax and the run finding of RLE all stay on the device.
+``--precision auto``; ``--compile`` for ``torch.compile``), logit upsampling, argmax, Mask
+R-CNN's mask paste (:mod:`models.rcnn`) and the run finding of RLE all stay on the device.
 
 Preprocessing, as ARCHITECTURE.md fixes it:
 - semantic: uint8 RGB, shorter side resized to 520 (bilinear, antialiased), scaled to [0, 1],
@@ -25,8 +27,8 @@ Preprocessing, as ARCHITECTURE.md fixes it:
 A batch that runs out of device memory is split in halves and retried, down to single images;
 an image that does not fit alone becomes an ``out_of_memory`` row. The actor then keeps the
 pixels per batch that fit as the model's budget, and later batches are cut to it: the batch
-size follows the images' size and the device's memory, rather than running out again. A batch that fails otherwise
-is retried image by image, and an image that still fails becomes an ``inference_error`` row, so
+size follows the images' size and the device's memory, rather than running out again. A batch
+that fails otherwise is retried image by image, and an image that still fails becomes an ``inference_error`` row, so
 one bad image never costs its neighbours.
 """
 
