@@ -7,7 +7,8 @@
 # overruns leaves the others their figures, and each benchmark phase logs its figures as it
 # ends. The defaults fill one 10-minute call. Counts are large so that start-up (10-25 s) does
 # not decide the end-to-end figure; corpora beyond 4096 images repeat them as hard links.
-# EXTRA passes more flags to every benchmark (EXTRA="--actors 8", say).
+# EXTRA passes more flags to every benchmark (EXTRA="--actors 8", say). A dry run of the script
+# on a CPU, where only lraspp finishes within its limit: DEVICE=cpu TEST_SECONDS=0 BENCHMARKS=lraspp LRASPP_COUNT=4.
 set -u
 out=${OUT:-bench-out}
 mkdir -p "$out"
@@ -21,7 +22,7 @@ fi
 bench() {  # bench SECONDS MODEL COUNT BATCH FILES_PER_SHARD [more throughput flags]
   local seconds=$1 model=$2 count=$3 batch=$4 shard=$5 work; shift 5; work=$(mktemp -d)
   timeout "$seconds" python3 -m benchmarks.throughput --model "$model" --count "$count" --batch-size "$batch" \
-    --files-per-shard "$shard" --size 1024x768 --device cuda --workdir "$work" --json ${EXTRA:-} "$@" >"$out/$model.json" 2>"$out/$model.log"
+    --files-per-shard "$shard" --size 1024x768 --device "${DEVICE:-cuda}" --workdir "$work" --json ${EXTRA:-} "$@" >"$out/$model.json" 2>"$out/$model.log"
   echo "$model exit $?"; grep -E "^benchmark |Error|error:" "$out/$model.log" | tail -n 8; tail -n 1 "$out/$model.json"
   rm -rf "$work"
 }

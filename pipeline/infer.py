@@ -101,7 +101,8 @@ class SegmentShards:
     pass and the device's post-processing, until the runs and boxes are on the host),
     ``encode`` (RLE strings and rows), ``tables`` (Arrow); the actor's first shard also carries
     ``startup``, the seconds its constructor took (weights from the object store, model build,
-    move to the device)."""
+    move to the device). They are host times: queued device work counts in the stage that
+    waits for it."""
 
     def __init__(self, *, configs: list[RunConfig], run_ids: list[str], device: str, weights: list[ray.ObjectRef]) -> None:
         started = time.perf_counter()
