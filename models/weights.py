@@ -96,9 +96,14 @@ def resolve_weights(spec: str, model: ModelSpec) -> Weights:
 
 def load_state_dict_into(module: nn.Module, state_dict: dict[str, torch.Tensor], *, model_name: str) -> None:
     """Strictly load ``state_dict`` (aux heads and a DDP ``module.`` prefix tolerated), its
-    tensors becoming the module's (``assign``), as a module built on the meta device needs."""
+    tensors becoming the module's (``assign``), as a module built on the meta device needs.
+    Tensors saved in another dtype (a half-precision checkpoint) take the module's."""
+    expected = module.state_dict()
+    state_dict = {
+        key: value.to(expected[key].dtype) if key in expected else value for key, value in _normalise_keys(state_dict).items()
+    }
     try:
-        module.load_state_dict(_normalise_keys(state_dict), strict=True, assign=True)
+        module.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:
         first_problem = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
         raise ModelError(f"weights do not fit {model_name}: {first_problem}") from None

@@ -100,6 +100,16 @@ def test_state_dict_files_load_with_a_sha256_pin(saved: dict[str, Path], kind: s
     assert weights.sha256 == digest
 
 
+def test_a_half_precision_checkpoint_loads_into_the_models_own_dtype(tmp_path: Path) -> None:
+    spec = get_model_spec(SMALL)
+    state_dict = {key: value.half() if value.is_floating_point() else value for key, value in spec.build().state_dict().items()}
+    safetensors.torch.save_file(state_dict, tmp_path / "half.safetensors")
+    module = resolve_weights(str(tmp_path / "half.safetensors"), spec).build(spec)
+    assert {tensor.dtype for tensor in module.parameters()} == {torch.float32}
+    with torch.inference_mode():
+        assert module(torch.rand(1, 3, 64, 64))["out"].dtype == torch.float32
+
+
 def test_a_wrong_sha256_pin_is_refused(saved: dict[str, Path]) -> None:
     with pytest.raises(ModelError, match="not the pinned"):
         resolve_weights(f"{saved['pt']}#sha256={'0' * 64}", get_model_spec(SMALL))
