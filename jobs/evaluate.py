@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 from jobs.datasets import IGNORE_INDEX, LabelledData, load_labelled
 from models import get_model_spec, resolve_weights
-from pipeline.encode import encode_runs
+from pipeline.encode import encode_masks
 from pipeline.infer import predict_class_maps, predict_detections
 
 
@@ -66,6 +66,7 @@ def _coco_metrics(module, dataset: LabelledData, batch_size: int, score_threshol
     for batch in _batches(dataset, batch_size):
         images = torch.stack([torch.from_numpy(sample.image).permute(2, 0, 1) for sample in batch])
         for sample, detections in zip(batch, predict_detections(module, images, score_threshold)):
+            encoded_masks = encode_masks(detections.masks) if with_masks else []
             for index, class_id in enumerate(detections.labels.tolist()):
                 x1, y1, x2, y2 = (float(v) for v in detections.boxes[index])
                 result = {
@@ -75,10 +76,10 @@ def _coco_metrics(module, dataset: LabelledData, batch_size: int, score_threshol
                     "score": float(detections.scores[index]),
                 }
                 if with_masks:
-                    runs = detections.masks[index]
-                    encoded = encode_runs(runs).get(1)
+                    encoded = encoded_masks[index]
                     if encoded is None:
                         continue
+                    runs = detections.masks[index]
                     result["segmentation"] = {"size": [runs.height, runs.width], "counts": encoded.rle}
                 results.append(result)
     metrics = {"images": len(dataset.samples), "detections": len(results)}
