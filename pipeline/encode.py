@@ -65,20 +65,24 @@ def rle_string(counts: np.ndarray) -> str:
 def _rle_strings(counts: np.ndarray, offsets: np.ndarray) -> list[str]:
     """:func:`rle_string` of several masks at once: their counts concatenated, each mask's
     starting at its entry of ``offsets``."""
-    position_in_mask = np.arange(counts.size) - np.repeat(offsets, np.diff(np.append(offsets, counts.size)))
     deltas = counts.astype(np.int64)
-    from_third = np.flatnonzero(position_in_mask >= 3)
+    from_third = np.flatnonzero(_positions_within(np.diff(np.append(offsets, counts.size))) >= 3)
     deltas[from_third] -= counts[from_third - 2]
     # Characters per count: enough 5-bit groups to hold it and its sign bit.
     magnitude = np.where(deltas < 0, ~deltas, deltas)
     most = int(magnitude.max()).bit_length() // 5 + 1
     emitted = np.ones(deltas.size, dtype=np.int64) + sum(magnitude >= 1 << (5 * groups - 1) for groups in range(1, most))
     of_count = np.repeat(np.arange(deltas.size), emitted)
-    group = np.arange(of_count.size) - np.repeat(np.cumsum(emitted) - emitted, emitted)
+    group = _positions_within(emitted)
     codes = (deltas[of_count] >> (5 * group)) & 0x1F | np.where(group < emitted[of_count] - 1, 0x20, 0)
     text = (codes + 48).astype(np.uint8).tobytes().decode("ascii")
     bounds = np.append(0, np.cumsum(np.add.reduceat(emitted, offsets))).tolist()
     return [text[first:last] for first, last in zip(bounds[:-1], bounds[1:])]
+
+
+def _positions_within(lengths: np.ndarray) -> np.ndarray:
+    """For consecutive segments of these ``lengths``, each element's position in its segment."""
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def encode_runs(runs: Runs) -> dict[int, EncodedMask]:
