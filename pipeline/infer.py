@@ -28,8 +28,8 @@ A batch that runs out of device memory is split in halves and retried, down to s
 an image that does not fit alone becomes an ``out_of_memory`` row. The actor then keeps the
 pixels per batch that fit as the model's budget, and later batches are cut to it: the batch
 size follows the images' size and the device's memory, rather than running out again. A batch
-that fails otherwise is retried image by image, and an image that still fails becomes an ``inference_error`` row, so
-one bad image never costs its neighbours.
+that fails otherwise is retried image by image, and an image that still fails becomes an
+``inference_error`` row, so one bad image never costs its neighbours.
 """
 
 from __future__ import annotations
@@ -317,9 +317,12 @@ def _batches(indices: list[int], pixels: list[int], *, most_images: int, most_pi
 def model_input_size(loaded: LoadedModel, height: int, width: int) -> tuple[int, int]:
     """The size an image of ``height`` x ``width`` has when it enters ``loaded``'s network."""
     if loaded.spec.task == "semantic":
-        multiple = loaded.config.pad_to_multiple
-        return tuple(math.ceil(side / multiple) * multiple for side in loaded.preprocessing.resized(height, width))
+        return tuple(_rounded_up(side, loaded.config.pad_to_multiple) for side in loaded.preprocessing.resized(height, width))
     return input_size(loaded.model, height, width)
+
+
+def _rounded_up(side: int, multiple: int) -> int:
+    return math.ceil(side / multiple) * multiple
 
 
 def compile_network(model: nn.Module, task: str, mode: str) -> nn.Module:
@@ -367,7 +370,7 @@ def predict_class_maps(
     zeros: the mean colour, once normalised) up to a multiple of it, so that batches of similar
     sizes enter together; the padding's logits are cropped away before upsampling."""
     resized = [model_input(batch, preprocessing) for batch in batches]
-    height, width = (math.ceil(side / pad_to_multiple) * pad_to_multiple for side in resized[0].shape[-2:])
+    height, width = (_rounded_up(side, pad_to_multiple) for side in resized[0].shape[-2:])
     inputs = resized[0].new_zeros((sum(len(batch) for batch in batches), 3, height, width))
     for batch, first in zip(resized, itertools.accumulate((len(batch) for batch in resized), initial=0)):
         inputs[first : first + len(batch), :, : batch.shape[-2], : batch.shape[-1]] = batch
