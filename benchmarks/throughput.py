@@ -53,8 +53,7 @@ from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
 from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
-from models.rcnn import detect, paste_masks
-from pipeline.infer import compile_network, execution, model_input
+from pipeline.infer import compile_network, execution, kept_detections, model_input
 
 _WARMUP_STEPS = 3
 _MAX_TIMED_STEPS = 10
@@ -68,8 +67,8 @@ def model_only(
 ) -> dict:  # fmt: skip
     """Images/s of the model alone on device-resident inputs, and its peak device memory.
 
-    Instance and detection models run as the pipeline runs them (:func:`models.rcnn.detect`, then
-    the kept masks pasted in one batch); ``torchvision_forward`` times torchvision's own forward
+    Instance and detection models run as the pipeline runs them (:func:`pipeline.infer.kept_detections`:
+    the network, then the kept masks pasted in one batch); ``torchvision_forward`` times torchvision's own forward
     instead, which pastes every mask one at a time. ``compile_mode`` compiles the network as
     ``--compile`` does (the compilation happens in the untimed warm-up)."""
     spec = get_model_spec(model_name)
@@ -92,16 +91,11 @@ def model_only(
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 model(images)
     else:
-        images = [torch.rand(3, height, width, device=device) for _ in range(batch_size)]
+        images = [torch.randint(0, 256, (3, height, width), dtype=torch.uint8, device=device) for _ in range(batch_size)]
         threshold = RunConfig.model_fields["score_threshold"].default
 
         def step() -> None:
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                outputs = detect(model, images)
-            for output in outputs:
-                if "masks" in output:
-                    keep = output["scores"] >= threshold
-                    paste_masks(output["masks"][keep, 0], output["boxes"][keep], height=height, width=width, threshold=0.5)
+            kept_detections(model, images, threshold, bf16=bf16)
 
     steps = min(_MAX_TIMED_STEPS, math.ceil(count / batch_size))
     torch.backends.cudnn.benchmark = device == "cuda"  # as the pipeline's actors run

@@ -398,22 +398,30 @@ def predict_detections(
     """Detections scoring at least ``score_threshold`` in each uint8 ``(3, H, W)`` image (a list,
     or a stacked batch), in original pixels; masks (instance models only) are the probabilities
     above 0.5, pasted and run-length encoded on the images' device."""
+    return [
+        summarize_detections(boxes, labels, scores, masks, height=image.shape[-2], width=image.shape[-1])
+        for image, (boxes, labels, scores, masks) in zip(images, kept_detections(model, images, score_threshold, bf16=bf16))
+    ]
+
+
+def kept_detections(
+    model: nn.Module, images: Sequence[torch.Tensor], score_threshold: float, *, bf16: bool = False
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per image, the boxes, labels and scores of the detections scoring at least
+    ``score_threshold`` and, for instance models, their boolean ``(K, H, W)`` masks, pasted in
+    one batch: the model's part of :func:`predict_detections`, on the images' device."""
     with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = detect(model, [tv_functional.convert_image_dtype(image, torch.float32) for image in images])
-    detections = []
+    kept = []
     for image, output in zip(images, outputs):
-        height, width = image.shape[-2:]
         keep = output["scores"] >= score_threshold
         boxes = output["boxes"][keep].float()
         masks = output.get("masks")
         if masks is not None:
+            height, width = image.shape[-2:]
             masks = paste_masks(masks[keep, 0], boxes, height=height, width=width, threshold=_MASK_PROBABILITY_THRESHOLD)
-        detections.append(
-            summarize_detections(
-                boxes, output["labels"][keep], output["scores"][keep].float(), masks, height=height, width=width
-            )
-        )
-    return detections
+        kept.append((boxes, output["labels"][keep], output["scores"][keep].float(), masks))
+    return kept
 
 
 def _decode_on_host(data: bytes, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
