@@ -56,20 +56,24 @@ def _write_all(prefix: str, make: Callable[..., Image.Image], directory: Path, *
                seed: int, quality: int) -> Path:  # fmt: skip
     directory.mkdir(parents=True, exist_ok=True)
     made = min(count, DISTINCT_IMAGES)
-    missing = [index for index in range(made) if not (directory / f"{prefix}-{index:06d}.jpg").exists()]
+    missing = [index for index in range(made) if not _path(directory, prefix, index).exists()]
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         list(pool.map(partial(_write_one, directory, prefix, make, width, height, seed, quality), missing, chunksize=16))
     for index in range(made, count):
-        link = directory / f"{prefix}-{index:06d}.jpg"
+        link = _path(directory, prefix, index)
         if not link.exists():
-            os.link(directory / f"{prefix}-{index % made:06d}.jpg", link)
+            os.link(_path(directory, prefix, index % made), link)
     return directory
 
 
 def _write_one(directory: Path, prefix: str, make: Callable[..., Image.Image], width: int, height: int, seed: int,
                quality: int, index: int) -> None:  # fmt: skip
     image = make(np.random.default_rng([seed, index]), index, width, height)
-    (directory / f"{prefix}-{index:06d}.jpg").write_bytes(encode(image, "JPEG", quality=quality))
+    _path(directory, prefix, index).write_bytes(encode(image, "JPEG", quality=quality))
+
+
+def _path(directory: Path, prefix: str, index: int) -> Path:
+    return directory / f"{prefix}-{index:06d}.jpg"
 
 
 def write_jpegs(directory: Path, *, count: int, width: int, height: int, seed: int = 0, quality: int = 90) -> Path:
