@@ -258,6 +258,8 @@ def measure(
     to stderr as it ends, so that a run stopped by a time limit keeps those it finished."""
     images = CORPORA[corpus](workdir / "images", count=count, width=width, height=height)
     ray_startup = ensure_ray()
+    # Ray Data's per-operator stats (tasks, wall and CPU time, backpressure) go to stderr after each run.
+    ray.data.DataContext.get_current().enable_auto_log_stats = True
     shape = {"count": count, "width": width, "height": height, "device": device, "batch_size": batch_size}
     spec = get_model_spec(model_name)
     bf16, channels_last = own = execution(spec, "auto", torch.device(device))
