@@ -181,7 +181,7 @@ def end_to_end(
         "bytes_per_image": counts["bytes_written"] / counts["images"],
         "raw_class_map_bytes_per_rle_byte": raw_class_map_bytes / rle_bytes if rle_bytes else None,
         "actor_startup_seconds": manifest["timings"]["actor_startup_seconds"],
-        "actor_seconds": manifest["timings"]["actor_seconds"],
+        "stage_seconds": manifest["timings"]["stage_seconds"],
         **(sampler.summary() if sampler is not None else {"gpu_busy_percent": None, "peak_gpu_memory_mib": None}),
     }
 
@@ -302,7 +302,7 @@ def measure(
         "end_to_end_steady_ips": whole["steady_ips"],
         "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
         "end_to_end_actor_startup_seconds": whole["actor_startup_seconds"],
-        "end_to_end_actor_seconds": whole["actor_seconds"],
+        "end_to_end_stage_seconds": whole["stage_seconds"],
         "baseline_ips": plain["ips"] if plain else None,
         "ratio_model": whole["ips"] / only["ips"],
         "ratio_baseline": whole["ips"] / plain["ips"] if plain else None,

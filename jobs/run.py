@@ -1,6 +1,6 @@
 """The ``segpipe run`` job: compose the pipeline stages into one Ray Data pipeline and commit.
 
-list (driver) -> read (CPU tasks) -> decode + infer + encode (model actor pool) -> write (CPU
+list (driver) -> read (CPU tasks) -> decode + infer (model actor pool) -> encode + write (CPU
 tasks) -> manifest (driver). Rows between stages are whole shards (after the actors, one row
 per shard and run), so the shard stays the unit of work, retry and commit. Several runs over
 the same shards (a job spec's ``models``) share one pipeline: one read and one decode per
@@ -29,6 +29,7 @@ import ray.data
 from models import ModelSpec, Weights, display_uri, get_model_spec, resolve_weights
 from pipeline.commit import processed_sources, read_manifest, write_manifest, write_sources
 from pipeline.config import RunConfig
+from pipeline.encode import encode_shards
 from pipeline.errors import InputError
 from pipeline.infer import SegmentShards
 from pipeline.listing import Listing, ProcessedSources, Shard, list_shards
@@ -38,7 +39,8 @@ from pipeline.storage import absolute_uri
 from pipeline.write import partition_path, remove_stale_shards, shard_file, write_shards, written_shard_summary
 
 # Read and write tasks mostly wait on storage: half a CPU each lets more of them overlap, and
-# keeps them from being fused into the model actors, which must not wait on I/O.
+# keeps them from being fused into the model actors, which must not wait on I/O. Encode tasks
+# ask the same, so that Ray Data fuses each with its shard's write into one task.
 _IO_TASK_CPUS = 0.5
 _CHECK_THREADS = 16
 _ACTORS_PER_GPU = 4
@@ -171,22 +173,23 @@ def _commit(plan: _Plan, shard_rows: dict[str, dict], timings: dict, decoded_wit
     manifest["sources_uri"] = write_sources(
         config.output, plan.run_id, listing.shards, {shard_id: row["images"] for shard_id, row in shard_rows.items()}
     )
-    manifest["timings"] = timings | _actor_timings(shard_rows.values())
+    manifest["timings"] = timings | _stage_timings(shard_rows.values())
     manifest["committed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return write_manifest(config.output, plan.run_id, manifest)
 
 
-def _actor_timings(shard_rows: Iterable[dict]) -> dict:
-    """The slowest actor constructor, and the actors' seconds per stage summed over the shards
-    that this attempt processed (see :class:`pipeline.infer.SegmentShards`)."""
-    per_shard = [json.loads(row["actor_seconds"]) for row in shard_rows if row.get("actor_seconds")]
+def _stage_timings(shard_rows: Iterable[dict]) -> dict:
+    """The slowest actor constructor, and the seconds per stage summed over the shards that
+    this attempt processed: the actors' (see :class:`pipeline.infer.SegmentShards`), then the
+    encode and write tasks'."""
+    per_shard = [json.loads(row["stage_seconds"]) for row in shard_rows if row.get("stage_seconds")]
     startups = [seconds.pop("startup") for seconds in per_shard if "startup" in seconds]
     stages: Counter[str] = Counter()
     for seconds in per_shard:
         stages.update(seconds)
     return {
         "actor_startup_seconds": round(max(startups), 3) if startups else None,
-        "actor_seconds": {stage: round(total, 3) for stage, total in stages.most_common()},
+        "stage_seconds": {stage: round(total, 3) for stage, total in stages.most_common()},
     }
 
 
@@ -252,8 +255,8 @@ def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
 def _execute(
     plans: list[_Plan], shards: list[Shard], device: str, actors: int, actor_resources: dict
 ) -> Iterator[dict]:
-    """Run read -> infer -> write over ``shards`` for every plan; yields one summary row per
-    (shard, run), as each is written."""
+    """Run read -> infer -> encode -> write over ``shards`` for every plan; yields one summary
+    row per (shard, run), as each is written."""
     config = plans[0].config
     dataset = (
         ray.data.from_items([{"shard": shard.to_json()} for shard in shards], override_num_blocks=len(shards))
@@ -276,6 +279,13 @@ def _execute(
                 "weights": [ray.put(plan.weights) for plan in plans],
             },
             **actor_resources,
+        )
+        .map_batches(
+            encode_shards,
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=_IO_TASK_CPUS,
+            fn_kwargs={"categories": {plan.run_id: plan.weights.categories for plan in plans}},
         )
         .map_batches(
             write_shards,

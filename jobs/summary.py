@@ -37,8 +37,8 @@ def format_summary(manifest: dict) -> str:
         f"  try in DuckDB:  {query}",
         f"  report:         segpipe report {output} --run-date {config['run_date']} --model {config['model']} --out report.html",
     ]
-    if timings.get("actor_seconds"):
-        lines.insert(5, f"  actors      {_actor_line(timings)}")
+    if timings.get("stage_seconds"):
+        lines.insert(5, f"  stages      {_stage_line(timings)}")
     if manifest.get("resumed_shards"):
         lines.insert(3, f"  resumed     {manifest['resumed_shards']} of {len(manifest['shards'])} shards were already written")
     skipped = manifest.get("skipped") or {}
@@ -53,12 +53,12 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _actor_line(timings: dict) -> str:
-    """Where the model actors' time went, so that a slow run says what to look at."""
-    stages = timings["actor_seconds"]
+def _stage_line(timings: dict) -> str:
+    """Where the time went, so that a slow run says what to look at."""
+    stages = timings["stage_seconds"]
     total = sum(stages.values()) or 1.0
     shares = ", ".join(f"{stage} {seconds / total:.0%}" for stage, seconds in sorted(stages.items(), key=lambda item: -item[1]))
     return (
         f"first shard written after {timings['first_shard_seconds']:.1f} s (actor start-up {timings['actor_startup_seconds']:.1f} s); "
-        f"actor time: {shares}"
+        f"time per stage: {shares}"
     )

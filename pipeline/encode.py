@@ -9,16 +9,23 @@ model's own. Rows come back without run_id/image_id/uri, which the caller adds.
 The pixel work happens where the model's tensors are (the GPU in a GPU actor): :func:`map_runs`
 finds the runs of whole batches of class maps or masks, and :func:`summarize_detections` the
 runs and per-class union areas of an image's instance masks, so that only run starts and values
-cross to the host, never a full-resolution map. The host turns runs into RLE strings, boxes and
-rows.
+cross to the host, never a full-resolution map. The actors hand those on as
+:data:`~pipeline.schema.RESULTS_SCHEMA` rows (:func:`results_table`), and :func:`encode_shards`,
+a CPU task beside the write, turns them into RLE strings, boxes and table rows: the actors'
+host time goes to feeding the GPU, and the string building to the CPUs the actors leave idle.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
+
+from pipeline.schema import CLASS_STATS_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, unnest
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,8 @@ class Detections:
     scores: np.ndarray
     masks: list[Runs] | None
     class_pixels: dict[int, int]
+    shape: tuple[int, int]
+    """The image's ``(height, width)``."""
 
 
 def summarize_detections(
@@ -192,16 +201,18 @@ def summarize_detections(
         scores=scores.cpu().numpy(),
         masks=None if masks is None else map_runs(masks),
         class_pixels=dict(zip(classes.tolist(), union_pixels.tolist())),
+        shape=(height, width),
     )
 
 
-def instance_rows(detections: Detections, categories: tuple[str, ...], *, height: int, width: int) -> tuple[list[dict], list[dict]]:
+def instance_rows(detections: Detections, categories: tuple[str, ...]) -> tuple[list[dict], list[dict]]:
     """``masks`` and ``class_stats`` rows of one image from its kept detections.
 
     Instance models give ``instance`` rows with RLE masks; detection models ``box`` rows whose
     ``mask_rle`` is null and whose ``area`` is the box's. ``class_stats.pixel_count`` counts the
     pixels covered by the union of a class's masks (or boxes).
     """
+    height, width = detections.shape
     mask_rows = []
     encoded_masks = encode_masks(detections.masks) if detections.masks is not None else []
     for index, class_id in enumerate(detections.labels.tolist()):
@@ -274,3 +285,117 @@ def _stats_row(
         "instance_count": instances,
         "mean_score": mean_score,
     }
+
+
+def mask_count(output: Runs | Detections) -> int:
+    """The ``masks`` rows an image's model output gives: one per class present, or one per detection."""
+    if isinstance(output, Runs):
+        return int(np.count_nonzero(np.bincount(output.values)))
+    return len(output.labels)
+
+
+def results_table(outputs: list[tuple[str, str, Runs | Detections]]) -> pa.Table:
+    """:data:`~pipeline.schema.RESULTS_SCHEMA` rows of ``(image_id, uri, model output)`` of ok
+    images: a class map's :class:`Runs`, or :class:`Detections`."""
+    maps = [[output] if isinstance(output, Runs) else output.masks or [] for _, _, output in outputs]
+    detections = [None if isinstance(output, Runs) else output for _, _, output in outputs]
+    shapes = [(output.height, output.width) if isinstance(output, Runs) else output.shape for _, _, output in outputs]
+    columns = {
+        "image_id": pa.array([image_id for image_id, _, _ in outputs], pa.string()),
+        "uri": pa.array([uri for _, uri, _ in outputs], pa.string()),
+        "height": pa.array([height for height, _ in shapes], pa.int32()),
+        "width": pa.array([width for _, width in shapes], pa.int32()),
+        "run_starts": [np.concatenate([runs.starts for runs in image_maps] or [[]]) for image_maps in maps],
+        "run_values": [np.concatenate([runs.values for runs in image_maps] or [[]]) for image_maps in maps],
+        "runs_per_map": [
+            None if found is None or found.masks is None else [len(runs.starts) for runs in image_maps]
+            for found, image_maps in zip(detections, maps)
+        ],
+        "boxes": [None if found is None else found.boxes.ravel() for found in detections],
+        "labels": [None if found is None else found.labels for found in detections],
+        "scores": [None if found is None else found.scores for found in detections],
+        "class_ids": [None if found is None else list(found.class_pixels) for found in detections],
+        "class_pixels": [None if found is None else list(found.class_pixels.values()) for found in detections],
+    }
+    return pa.table(
+        {
+            name: column if isinstance(column, pa.Array) else _list_array(column, RESULTS_SCHEMA.field(name).type)
+            for name, column in columns.items()
+        },
+        schema=RESULTS_SCHEMA,
+    )
+
+
+def model_outputs(results: pa.Table) -> list[tuple[str, str, Runs | Detections]]:
+    """The ``(image_id, uri, model output)`` of each :data:`~pipeline.schema.RESULTS_SCHEMA` row:
+    :func:`results_table` read back."""
+    lists = {name: _list_values(results.column(name)) for name in RESULTS_SCHEMA.names[4:]}
+    outputs = []
+    for row, (image_id, uri, height, width) in enumerate(
+        zip(*(results.column(name).to_pylist() for name in ("image_id", "uri", "height", "width")))
+    ):
+        starts, values = lists["run_starts"][row], lists["run_values"][row]
+        if lists["boxes"][row] is None:
+            outputs.append((image_id, uri, Runs(starts, values, height, width)))
+            continue
+        runs_per_map = lists["runs_per_map"][row]
+        masks = None
+        if runs_per_map is not None:
+            bounds = np.append(0, np.cumsum(runs_per_map))
+            masks = [Runs(starts[first:last], values[first:last], height, width) for first, last in zip(bounds[:-1], bounds[1:])]
+        detections = Detections(
+            boxes=lists["boxes"][row].reshape(-1, 4),
+            labels=lists["labels"][row],
+            scores=lists["scores"][row],
+            masks=masks,
+            class_pixels=dict(zip(lists["class_ids"][row].tolist(), lists["class_pixels"][row].tolist())),
+            shape=(height, width),
+        )
+        outputs.append((image_id, uri, detections))
+    return outputs
+
+
+def _list_array(rows: list, list_type: pa.LargeListType) -> pa.LargeListArray:
+    """A list array of ``rows`` (each a sequence, or ``None`` for a null), without a Python loop over the values."""
+    lengths = np.array([0 if row is None else len(row) for row in rows], dtype=np.int64)
+    present = [np.asarray(row) for row in rows if row is not None]
+    values = np.concatenate(present) if present else np.zeros(0)
+    nulls = pa.array([row is None for row in rows]) if any(row is None for row in rows) else None
+    return pa.LargeListArray.from_arrays(
+        np.append(0, np.cumsum(lengths)), pa.array(values, type=list_type.value_type), type=list_type, mask=nulls
+    )
+
+
+def _list_values(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """Each row of a list column as a numpy view of its values, ``None`` for a null."""
+    array = column.combine_chunks()
+    values = array.values.to_numpy(zero_copy_only=False)
+    offsets = array.offsets.to_numpy()
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    return [values[first:last] if is_valid else None for first, last, is_valid in zip(offsets[:-1], offsets[1:], valid)]
+
+
+def encode_shards(batch: pa.Table, *, categories: dict[str, tuple[str, ...]]) -> pa.Table:
+    """Ray Data batch function (CPU tasks): rows of one shard's model results per run (columns
+    ``shard_id``, ``run_id``, ``model``, ``stage_seconds``, ``images`` and ``results``) -> the
+    same rows with ``masks`` and ``class_stats`` in place of ``results``; ``categories``: the
+    category names by run id. Its seconds are added to ``stage_seconds`` as ``encode``."""
+    masks_cells, stats_cells, seconds = [], [], []
+    for row in range(batch.num_rows):
+        started = time.perf_counter()
+        run_id = batch.column("run_id")[row].as_py()
+        masks, stats = [], []
+        for image_id, uri, output in model_outputs(unnest(batch.column("results")[row], RESULTS_SCHEMA)):
+            rows_of = semantic_rows if isinstance(output, Runs) else instance_rows
+            image_masks, image_stats = rows_of(output, categories[run_id])
+            key = {"run_id": run_id, "image_id": image_id}
+            masks += [{**key, "uri": uri, **mask} for mask in image_masks]
+            stats += [{**key, **stat} for stat in image_stats]
+        masks_cells.append(nest(rows_to_table(masks, MASKS_SCHEMA)))
+        stats_cells.append(nest(rows_to_table(stats, CLASS_STATS_SCHEMA)))
+        stages = json.loads(batch.column("stage_seconds")[row].as_py())
+        seconds.append(json.dumps(stages | {"encode": round(time.perf_counter() - started, 4)}))
+    kept = batch.drop_columns(["results", "stage_seconds"])
+    return kept.append_column("stage_seconds", pa.array(seconds, pa.string())).append_column(
+        "masks", pa.concat_arrays(masks_cells)
+    ).append_column("class_stats", pa.concat_arrays(stats_cells))

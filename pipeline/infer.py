@@ -1,4 +1,4 @@
-"""Infer stage: the model actor. One shard row of compressed bytes in, one row of table rows per model out.
+"""Infer stage: the model actor. One shard row of compressed bytes in, one row of model results per model out.
 
 The models (one per run; a job spec may list several over the same input) are built once per
 actor from the state_dicts that the driver put in the Ray object store. ``__call__`` is a pure
@@ -6,7 +6,8 @@ batch -> batch function under ``torch.inference_mode()``: it decodes the shard's
 window at a time in a thread pool (the next window decodes while the models run), once for all
 models, runs each model on batches of up to its ``batch_size`` images that enter its network
 at one size (so that no image's results depend on its neighbours; ``pad_to_multiple`` rounds
-semantic inputs up to share more batches), and encodes the results (:mod:`pipeline.encode`).
+semantic inputs up to share more batches), and hands on each image's runs and detections, which
+the encode stage (:mod:`pipeline.encode`, CPU tasks) turns into RLE strings and table rows.
 
 On a GPU, compressed bytes are what crosses the object store and the host: complete RGB JPEGs
 are decoded a window at a time on the device (nvjpeg, through ``torchvision.io.decode_jpeg``),
@@ -40,7 +41,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -56,16 +57,8 @@ from models import ModelSpec, Preprocessing, Weights, get_model_spec
 from models.rcnn import detect, input_size, paste_masks
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
-from pipeline.encode import Detections, instance_rows, map_runs, semantic_rows, summarize_detections
-from pipeline.schema import (
-    CLASS_STATS_SCHEMA,
-    ENCODED_IMAGE_SCHEMA,
-    IMAGES_SCHEMA,
-    MASKS_SCHEMA,
-    nest,
-    rows_to_table,
-    unnest,
-)
+from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
+from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, nest, rows_to_table, unnest
 
 _DECODE_THREADS = 4
 _MASK_PROBABILITY_THRESHOLD = 0.5
@@ -75,12 +68,11 @@ _UPSAMPLED_LOGITS_PER_STEP = 2**28
 
 @dataclass
 class LoadedModel:
-    """One model in the actor, with what it needs to turn pixels into table rows."""
+    """One model in the actor, with what it needs to turn pixels into model outputs."""
 
     config: RunConfig
     run_id: str
     spec: ModelSpec
-    categories: tuple[str, ...]
     preprocessing: Preprocessing
     model: nn.Module
     bf16: bool
@@ -91,18 +83,18 @@ class LoadedModel:
 
 class SegmentShards:
     """Ray Data callable class for ``map_batches``: columns ``shard_id``, ``images`` -> one row
-    per (shard, model) with ``shard_id``, ``run_id``, ``model``, ``images``, ``masks``,
-    ``class_stats`` and ``actor_seconds``. Each image is decoded once, whatever the number of
-    models; the runs share ``input``, ``max_pixels`` and the device.
+    per (shard, model) with ``shard_id``, ``run_id``, ``model``, ``stage_seconds``, ``images``
+    (the ``images`` table's rows) and ``results`` (:data:`~pipeline.schema.RESULTS_SCHEMA` rows
+    of the ok images). Each image is decoded once, whatever the number of models; the runs
+    share ``input``, ``max_pixels`` and the device.
 
-    ``actor_seconds`` is a JSON object of where the actor's time on the shard went: ``decode``
-    (waiting for pixels: the host threads decode the next window while the models run, so only
-    what they could not hide counts, plus the device's JPEG decoding), ``model`` (the forward
-    pass and the device's post-processing, until the runs and boxes are on the host),
-    ``encode`` (RLE strings and rows), ``tables`` (Arrow); the actor's first shard also carries
-    ``startup``, the seconds its constructor took (weights from the object store, model build,
-    move to the device). They are host times: queued device work counts in the stage that
-    waits for it."""
+    ``stage_seconds`` is a JSON object of where the actor's time on the shard went: ``decode``
+    (waiting for pixels: the next window decodes, on the host threads and the device, while the
+    models run, so only what that could not hide counts), ``model`` (the forward
+    pass and the device's post-processing, until the runs and boxes are on the host) and
+    ``tables`` (Arrow); the actor's first shard also carries ``startup``, the seconds its
+    constructor took (weights from the object store, model build, move to the device). They
+    are host times: queued device work counts in the stage that waits for it."""
 
     def __init__(self, *, configs: list[RunConfig], run_ids: list[str], device: str, weights: list[ray.ObjectRef]) -> None:
         started = time.perf_counter()
@@ -114,8 +106,9 @@ class SegmentShards:
             torch.backends.cudnn.benchmark = True  # batches repeat a few shapes: tuned kernels pay
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
         self.max_pixels = configs[0].max_pixels
-        self.window = 4 * max(config.batch_size for config in configs)
+        self.window = 2 * max(config.batch_size for config in configs)
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="decode")
+        self.window_decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-window")
         self.seconds: Counter[str] = Counter({"startup": time.perf_counter() - started})
         """Seconds per stage since the last shard was returned; ``startup`` until the first one."""
 
@@ -129,26 +122,25 @@ class SegmentShards:
         model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
         if config.compile != "off":
             model = compile_network(model, spec.task, config.compile)
-        return LoadedModel(config, run_id, spec, weights.categories, weights.preprocessing, model, bf16, channels_last)
+        return LoadedModel(config, run_id, spec, weights.preprocessing, model, bf16, channels_last)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns: dict[str, list] = defaultdict(list)
         with torch.inference_mode():
             for shard_id, cell in zip(batch.column("shard_id").to_pylist(), batch.column("images")):
                 per_model = self._segment_shard(shard_id, unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist())
-                for loaded, (images, masks, stats) in zip(self.models, per_model):
+                for loaded, (images, outputs) in zip(self.models, per_model):
                     columns["shard_id"].append(shard_id)
                     columns["run_id"].append(loaded.run_id)
                     columns["model"].append(loaded.config.model)
                     with self._timed("tables"):
                         columns["images"].append(nest(rows_to_table(images, IMAGES_SCHEMA)))
-                        columns["masks"].append(nest(rows_to_table(masks, MASKS_SCHEMA)))
-                        columns["class_stats"].append(nest(rows_to_table(stats, CLASS_STATS_SCHEMA)))
+                        columns["results"].append(nest(results_table(outputs)))
                 # Every model's row carries the shard's seconds: the stages serve all models at once.
-                columns["actor_seconds"] += [json.dumps({stage: round(s, 4) for stage, s in self.seconds.items()})] * len(per_model)
+                columns["stage_seconds"] += [json.dumps({stage: round(s, 4) for stage, s in self.seconds.items()})] * len(per_model)
                 self.seconds.clear()
-        tables = {name: pa.concat_arrays(columns[name]) for name in ("images", "masks", "class_stats")}
-        return pa.table({name: columns[name] for name in ("shard_id", "run_id", "model", "actor_seconds")} | tables)
+        tables = {name: pa.concat_arrays(columns[name]) for name in ("images", "results")}
+        return pa.table({name: columns[name] for name in ("shard_id", "run_id", "model", "stage_seconds")} | tables)
 
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -158,11 +150,11 @@ class SegmentShards:
         finally:
             self.seconds[stage] += time.perf_counter() - started
 
-    def _segment_shard(self, shard_id: str, images: list[dict]) -> list[tuple[list[dict], list[dict], list[dict]]]:
-        """Rows of the three tables for one shard's images, per model; ``images`` rows in input order."""
+    def _segment_shard(self, shard_id: str, images: list[dict]) -> list[tuple[list[dict], list[tuple[str, str, Runs | Detections]]]]:
+        """Per model, the ``images`` table's rows of one shard's images, in input order, and the
+        ``(image_id, uri, model output)`` of those that are ok."""
         outcomes: list[dict[int, dict]] = [{} for _ in self.models]
-        mask_rows: list[list[dict]] = [[] for _ in self.models]
-        stat_rows: list[list[dict]] = [[] for _ in self.models]
+        model_outputs: list[list[tuple[str, str, Runs | Detections]]] = [[] for _ in self.models]
         readable = []
         for index, image in enumerate(images):
             if image["error_type"] is None:
@@ -171,12 +163,12 @@ class SegmentShards:
                 for outcome in outcomes:
                     outcome[index] = _error(image["error_type"], image["error_message"])
         windows = [readable[start : start + self.window] for start in range(0, len(readable), self.window)]
-        pending = self._decode_async(images, windows[0]) if windows else []
+        pending = self.window_decoder.submit(self._decode_window, images, windows[0]) if windows else None
         for number, indices in enumerate(windows):
             with self._timed("decode"):
-                decoded = {index: future.result() for index, future in zip(indices, pending)}
-                pending = self._decode_async(images, windows[number + 1]) if number + 1 < len(windows) else []
-                decoded |= self._decode_on_device(images, [index for index, result in decoded.items() if result is None])
+                decoded = pending.result()
+                if number + 1 < len(windows):
+                    pending = self.window_decoder.submit(self._decode_window, images, windows[number + 1])
             pixels: dict[int, torch.Tensor] = {}
             for index, result in decoded.items():
                 if isinstance(result, DecodeError):
@@ -184,18 +176,15 @@ class SegmentShards:
                         outcome[index] = _error(result.error_type, str(result))
                 else:
                     pixels[index] = result
-            for loaded, outcome, masks_of_model, stats_of_model in zip(self.models, outcomes, mask_rows, stat_rows):
+            for loaded, outcome, outputs_of_model in zip(self.models, outcomes, model_outputs):
                 for index, result in self._predict(loaded, pixels).items():
                     if isinstance(result, Exception):
                         error_type = "out_of_memory" if isinstance(result, torch.OutOfMemoryError) else "inference_error"
                         outcome[index] = _error(error_type, f"{type(result).__name__}: {result}")
                         continue
-                    masks, stats = result
                     height, width = pixels[index].shape[-2:]
-                    outcome[index] = {"status": "ok", "width": width, "height": height, "n_masks": len(masks)}
-                    key = {"run_id": loaded.run_id, "image_id": images[index]["image_id"]}
-                    masks_of_model += [{**key, "uri": images[index]["uri"], **row} for row in masks]
-                    stats_of_model += [{**key, **row} for row in stats]
+                    outcome[index] = {"status": "ok", "width": width, "height": height, "n_masks": mask_count(result)}
+                    outputs_of_model.append((images[index]["image_id"], images[index]["uri"], result))
         return [
             (
                 [
@@ -209,17 +198,19 @@ class SegmentShards:
                     }
                     for index, image in enumerate(images)
                 ],
-                masks_of_model,
-                stats_of_model,
+                outputs_of_model,
             )
-            for loaded, outcome, masks_of_model, stats_of_model in zip(self.models, outcomes, mask_rows, stat_rows)
+            for loaded, outcome, outputs_of_model in zip(self.models, outcomes, model_outputs)
         ]
 
-    def _decode_async(self, images: list[dict], indices: list[int]) -> list[Future]:
-        """Per image, a future of its ``(3, H, W)`` pixels, its :class:`DecodeError`, or ``None``
-        where the device is to decode it."""
+    def _decode_window(self, images: list[dict], indices: list[int]) -> dict[int, torch.Tensor | DecodeError]:
+        """``indices``' ``(3, H, W)`` pixels, or their :class:`DecodeError`: the JPEGs that the
+        device can decode in one batch on it, the rest on the host threads. Runs in its own
+        thread, one window ahead of the models."""
         on_device = self.device.type == "cuda"
-        return [self.decoder.submit(_decode_on_host, images[index]["data"], self.max_pixels, on_device) for index in indices]
+        on_host = self.decoder.map(lambda index: _decode_on_host(images[index]["data"], self.max_pixels, on_device), indices)
+        decoded = dict(zip(indices, on_host))
+        return decoded | self._decode_on_device(images, [index for index, result in decoded.items() if result is None])
 
     def _decode_on_device(self, images: list[dict], indices: list[int]) -> dict[int, torch.Tensor | DecodeError]:
         """``indices``' JPEGs decoded in one batch on the device; on the host, one by one, should
@@ -232,10 +223,10 @@ class SegmentShards:
         except RuntimeError:
             return {index: _decode_on_host(images[index]["data"], self.max_pixels, False) for index in indices}
 
-    def _predict(self, loaded: LoadedModel, pixels: dict[int, torch.Tensor]) -> dict[int, tuple[list[dict], list[dict]] | Exception]:
-        """Rows per image (or the exception it failed with), batching images of one model input
-        size: an image's results never depend on what else is in its batch."""
-        results: dict[int, tuple[list[dict], list[dict]] | Exception] = {}
+    def _predict(self, loaded: LoadedModel, pixels: dict[int, torch.Tensor]) -> dict[int, Runs | Detections | Exception]:
+        """Each image's model output (or the exception it failed with), batching images of one
+        model input size: an image's results never depend on what else is in its batch."""
+        results: dict[int, Runs | Detections | Exception] = {}
         for same_input in _indices_by(pixels, lambda image: model_input_size(loaded, *image.shape[-2:])).values():
             self._predict_isolating_failures(loaded, same_input, pixels, results)
         return results
@@ -266,19 +257,14 @@ class SegmentShards:
                 for index in same_input:
                     self._predict_isolating_failures(loaded, [index], pixels, results)
 
-    def _predict_batch(self, loaded: LoadedModel, images: list[torch.Tensor]) -> list[tuple[list[dict], list[dict]]]:
-        """Rows per image of ``images``, which share their model input size, in one forward pass."""
+    def _predict_batch(self, loaded: LoadedModel, images: list[torch.Tensor]) -> list[Runs | Detections]:
+        """The model output of each of ``images``, which share their model input size, from one
+        forward pass: its class map's runs, or its detections."""
         images = [image.to(self.device, non_blocking=True) for image in images]
-        if loaded.spec.task != "semantic":
-            with self._timed("model"):
-                detections = predict_detections(loaded.model, images, loaded.config.score_threshold, bf16=loaded.bf16)
-            with self._timed("encode"):
-                return [
-                    instance_rows(found, loaded.categories, height=image.shape[-2], width=image.shape[-1])
-                    for image, found in zip(images, detections)
-                ]
-        same_size = list(_indices_by(dict(enumerate(images)), lambda image: image.shape).values())
         with self._timed("model"):
+            if loaded.spec.task != "semantic":
+                return predict_detections(loaded.model, images, loaded.config.score_threshold, bf16=loaded.bf16)
+            same_size = list(_indices_by(dict(enumerate(images)), lambda image: image.shape).values())
             class_maps = predict_class_maps(
                 loaded.model,
                 [torch.stack([images[index] for index in indices]) for indices in same_size],
@@ -288,8 +274,7 @@ class SegmentShards:
                 channels_last=loaded.channels_last,
             )
             runs = {index: image_runs for indices, maps in zip(same_size, class_maps) for index, image_runs in zip(indices, map_runs(maps))}
-        with self._timed("encode"):
-            return [semantic_rows(runs[index], loaded.categories) for index in range(len(images))]
+            return [runs[index] for index in range(len(images))]
 
 
 def _indices_by(items: dict[int, torch.Tensor], key: Callable[[torch.Tensor], Hashable]) -> dict[Hashable, list[int]]:

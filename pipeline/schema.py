@@ -82,6 +82,29 @@ ENCODED_IMAGE_SCHEMA = pa.schema(
 )
 
 
+# One ok image's model output as the actors hand it to the encode stage: the column-major runs
+# of its class map (semantic models) or of each instance mask, concatenated (``runs_per_map``:
+# how many runs each map has; null for semantic and detection models), and for instance and
+# detection models its kept detections (``boxes``: x1, y1, x2, y2 of each, flattened; null for
+# semantic models) and the pixels of each class's union of masks or boxes.
+RESULTS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("run_starts", pa.large_list(pa.int64())),
+        ("run_values", pa.large_list(pa.int64())),
+        ("runs_per_map", pa.large_list(pa.int64())),
+        ("boxes", pa.large_list(pa.float32())),
+        ("labels", pa.large_list(pa.int64())),
+        ("scores", pa.large_list(pa.float32())),
+        ("class_ids", pa.large_list(pa.int64())),
+        ("class_pixels", pa.large_list(pa.int64())),
+    ]
+)
+
+
 def nest(table: pa.Table) -> pa.Array:
     """A one-element list<struct> array holding all rows of ``table`` (one cell of a shard row)."""
     struct_type = pa.struct(list(table.schema))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import posixpath
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,11 +40,13 @@ def shard_file(output: str, table: str, run_date: dt.date, model: str, shard_id:
 
 def write_shards(batch: pa.Table, *, output: str, run_date: dt.date) -> pa.Table:
     """Ray Data batch function: rows of one shard's nested table rows for one run (columns
-    ``shard_id``, ``run_id``, ``model``, ``actor_seconds`` and the tables) -> one summary row
-    each (see :func:`shard_summary`, plus ``run_id`` and ``actor_seconds``). Every file is stamped with its ``run_id`` in its
-    Parquet metadata."""
+    ``shard_id``, ``run_id``, ``model``, ``stage_seconds`` and the tables) -> one summary row
+    each (see :func:`shard_summary`, plus ``run_id`` and ``stage_seconds``, to which the
+    seconds of writing are added as ``write``). Every file is stamped with its ``run_id`` in
+    its Parquet metadata."""
     summaries = []
     for row in range(batch.num_rows):
+        started = time.perf_counter()
         shard_id, run_id, model = (batch.column(name)[row].as_py() for name in ("shard_id", "run_id", "model"))
         tables = {name: unnest(batch.column(name)[row], schema) for name, schema in TABLE_SCHEMAS.items()}
         written = sum(
@@ -54,7 +57,8 @@ def write_shards(batch: pa.Table, *, output: str, run_date: dt.date) -> pa.Table
             for name in WRITE_ORDER
         )
         summary = shard_summary(shard_id, tables["images"], tables["masks"], written)
-        summaries.append({"run_id": run_id, **summary, "actor_seconds": batch.column("actor_seconds")[row].as_py()})
+        stages = json.loads(batch.column("stage_seconds")[row].as_py()) | {"write": round(time.perf_counter() - started, 4)}
+        summaries.append({"run_id": run_id, **summary, "stage_seconds": json.dumps(stages)})
     return pa.Table.from_pylist(summaries)
 
 

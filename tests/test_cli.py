@@ -125,7 +125,7 @@ def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
     summary = result.stdout
     assert "images      6 in: 6 ok, 0 failed" in summary
     assert "throughput" in summary and "_runs/" in summary
-    assert "actors      first shard written after" in summary and "actor time: model " in summary
+    assert "stages      first shard written after" in summary and "time per stage: model " in summary
     query = summary.split("try in DuckDB:")[1].strip().splitlines()[0]
     rows = duckdb.sql(query).fetchall()
     assert sum(count for _, count, _ in rows) > 0

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow as pa
 import pycocotools.mask as coco_mask
 import pytest
 import torch
 
-from pipeline.encode import encode_class_map, encode_mask, encode_masks, instance_rows, map_runs, semantic_rows, summarize_detections
+from pipeline.encode import (
+    encode_class_map,
+    encode_mask,
+    encode_masks,
+    encode_shards,
+    instance_rows,
+    map_runs,
+    mask_count,
+    model_outputs,
+    results_table,
+    semantic_rows,
+    summarize_detections,
+)
+from pipeline.schema import CLASS_STATS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, unnest
 
 CATEGORIES = tuple(f"c{i}" for i in range(6))
 
@@ -100,7 +116,7 @@ def test_instance_rows_count_union_pixels_and_scores() -> None:
     labels = np.array([1, 1, 4])
     scores = np.array([0.9, 0.7, 0.6], dtype=np.float32)
     detections = summarize_detections(*map(torch.from_numpy, (boxes, labels, scores, masks)), height=10, width=10)
-    rows, stats = instance_rows(detections, CATEGORIES, height=10, width=10)
+    rows, stats = instance_rows(detections, CATEGORIES)
     assert [(row["kind"], row["label"], row["area"]) for row in rows] == [
         ("instance", "c1", 25), ("instance", "c1", 25), ("instance", "c4", 1),
     ]  # fmt: skip
@@ -115,9 +131,53 @@ def test_detection_rows_are_boxes_without_masks() -> None:
     boxes = np.array([[0, 0, 4, 5], [2, 2, 6, 6], [1.5, 0.5, 3.5, 2.5]], dtype=np.float32)
     labels, scores = torch.tensor([2, 2, 3]), torch.tensor([0.9, 0.8, 0.7])
     detections = summarize_detections(torch.from_numpy(boxes), labels, scores, None, height=10, width=10)
-    rows, stats = instance_rows(detections, CATEGORIES, height=10, width=10)
+    rows, stats = instance_rows(detections, CATEGORIES)
     assert [(row["kind"], row["mask_rle"], row["area"]) for row in rows] == [("box", None, 20), ("box", None, 16), ("box", None, 4)]
     assert rows[2]["bbox_x1"] == 1.5 and rows[2]["bbox_y2"] == 2.5
     by_class = {row["class_id"]: row for row in stats}
     assert by_class[2]["pixel_count"] == 20 + 16 - 6  # the union of two overlapping boxes
     assert by_class[3]["pixel_count"] == 4 and by_class[3]["instance_count"] == 1
+
+
+def test_model_outputs_cross_from_the_actors_to_the_encode_tasks_unchanged() -> None:
+    rng = np.random.default_rng(11)
+    class_map = map_runs(torch.from_numpy(rng.integers(0, 6, size=(31, 29))).to(torch.uint8)[None])[0]
+    masks = torch.from_numpy(rng.random((3, 12, 10)) > 0.6)
+    boxes = torch.tensor([[0, 0, 5, 5], [1, 2, 8, 9], [3, 3, 4, 4]], dtype=torch.float32)
+    labels, scores = torch.tensor([1, 1, 4]), torch.tensor([0.9, 0.7, 0.6])
+    instances = summarize_detections(boxes, labels, scores, masks, height=12, width=10)
+    box_only = summarize_detections(boxes, labels, scores, None, height=12, width=10)
+    nothing = summarize_detections(boxes[:0], labels[:0], scores[:0], masks[:0], height=12, width=10)
+    outputs = [("a", "u/a", class_map), ("b", "u/b", instances), ("c", "u/c", box_only), ("d", "u/d", nothing)]
+
+    results = unnest(nest(results_table(outputs))[0], RESULTS_SCHEMA)
+    assert results.schema == RESULTS_SCHEMA
+    read_back = model_outputs(results)
+    assert [(image_id, uri) for image_id, uri, _ in read_back] == [(image_id, uri) for image_id, uri, _ in outputs]
+    assert semantic_rows(read_back[0][2], CATEGORIES) == semantic_rows(class_map, CATEGORIES)
+    for (_, _, sent), (_, _, received) in zip(outputs[1:], read_back[1:]):
+        assert instance_rows(received, CATEGORIES) == instance_rows(sent, CATEGORIES)
+        assert (received.masks is None) == (sent.masks is None)
+    assert [mask_count(output) for _, _, output in read_back] == [len(np.unique(class_map.values)), 3, 3, 0]
+
+
+def test_encode_tasks_turn_results_into_mask_and_statistics_rows() -> None:
+    class_map = map_runs(torch.tensor([[[0, 0, 2], [2, 2, 2]]], dtype=torch.uint8))[0]
+    image = {"run_id": "r", "image_id": "a", "uri": "u/a", "shard_id": "s", "size_bytes": 9, "width": 3, "height": 2,
+             "status": "ok", "n_masks": 2}  # fmt: skip
+    batch = pa.table({
+        "shard_id": ["s", "s"],
+        "run_id": ["r", "r"],
+        "model": ["m", "m"],
+        "stage_seconds": ['{"model": 1.0}', "{}"],
+        "images": pa.concat_arrays([nest(rows_to_table([image], IMAGES_SCHEMA)), nest(IMAGES_SCHEMA.empty_table())]),
+        "results": pa.concat_arrays([nest(results_table([("a", "u/a", class_map)])), nest(RESULTS_SCHEMA.empty_table())]),
+    })  # fmt: skip
+    encoded = encode_shards(batch, categories={"r": CATEGORIES})
+    assert encoded.column_names == ["shard_id", "run_id", "model", "images", "stage_seconds", "masks", "class_stats"]
+    masks = unnest(encoded.column("masks")[0], MASKS_SCHEMA).to_pylist()
+    assert [(row["image_id"], row["uri"], row["label"], row["area"]) for row in masks] == [("a", "u/a", "c0", 2), ("a", "u/a", "c2", 4)]
+    stats = unnest(encoded.column("class_stats")[0], CLASS_STATS_SCHEMA).to_pylist()
+    assert [(row["run_id"], row["pixel_count"]) for row in stats] == [("r", 2), ("r", 4)]
+    assert unnest(encoded.column("masks")[1], MASKS_SCHEMA).num_rows == 0
+    assert set(json.loads(encoded.column("stage_seconds")[0].as_py())) == {"model", "encode"}

@@ -20,6 +20,7 @@ from torch import nn
 from jobs.sample import encode, photos, shape_pngs
 from models import Weights, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
+from pipeline.encode import encode_shards
 from pipeline.infer import SegmentShards, execution
 from pipeline.listing import list_shards
 from pipeline.read import read_shards
@@ -67,12 +68,13 @@ def _shard_batch(directory: Path, config: RunConfig) -> pa.Table:
 
 def _segment(config: RunConfig, batch: pa.Table, capacity: int | None, *, calls: int = 1) -> tuple[list[dict], list[dict], list[int]]:
     """The last of ``calls`` calls' rows, and the batch sizes the model saw over all of them."""
-    weights = ray.put(resolve_weights(config.weights, get_model_spec(config.model)))
+    weights = resolve_weights(config.weights, get_model_spec(config.model))
     actor = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(
-        capacity=capacity or 1 << 62, configs=[config], run_ids=["test"], device="cpu", weights=weights
+        capacity=capacity or 1 << 62, configs=[config], run_ids=["test"], device="cpu", weights=ray.put(weights)
     )
     for _ in range(calls):
         out = ray.get(actor.__call__.remote(batch))
+    out = encode_shards(out, categories={"test": weights.categories})
     images = unnest(out.column("images")[0], IMAGES_SCHEMA).to_pylist()
     masks = unnest(out.column("masks")[0], MASKS_SCHEMA).to_pylist()
     return images, masks, ray.get(actor.batch_sizes.remote())

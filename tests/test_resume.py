@@ -67,7 +67,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_shards(archive: Path, 
     run(_config(archive, clean))
     first = run(_config(archive, interrupted))
     timings = first["timings"]
-    assert set(timings["actor_seconds"]) == {"decode", "model", "encode", "tables"} and timings["actor_startup_seconds"] > 0
+    assert set(timings["stage_seconds"]) == {"decode", "model", "tables", "encode", "write"} and timings["actor_startup_seconds"] > 0
     assert 0 < timings["first_shard_seconds"] <= timings["seconds"]
     # as if the driver died after three shards: the manifest and one shard's images file are missing
     Path(first["manifest_uri"].removeprefix("file://")).unlink()

@@ -45,7 +45,7 @@ def test_written_files_have_the_exact_schema_even_when_empty(tmp_path: Path) -> 
             "shard_id": ["s1"],
             "run_id": ["r"],
             "model": ["m"],
-            "actor_seconds": ['{"model": 0.0}'],
+            "stage_seconds": ['{"model": 0.0}'],
             "images": nest(rows_to_table([image], IMAGES_SCHEMA)),
             "masks": nest(MASKS_SCHEMA.empty_table()),
             "class_stats": nest(TABLE_SCHEMAS["class_stats"].empty_table()),
