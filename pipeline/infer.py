@@ -41,7 +41,7 @@ import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -89,8 +89,8 @@ class SegmentShards:
     share ``input``, ``max_pixels`` and the device.
 
     ``stage_seconds`` is a JSON object of where the actor's time on the shard went: ``decode``
-    (waiting for pixels: the next window decodes, on the host threads and the device, while the
-    models run, so only what that could not hide counts), ``model`` (the forward
+    (waiting for pixels: the host threads decode the next window while the models run, so only
+    what they could not hide counts, plus the device's JPEG decoding), ``model`` (the forward
     pass and the device's post-processing, until the runs and boxes are on the host) and
     ``tables`` (Arrow); the actor's first shard also carries ``startup``, the seconds its
     constructor took (weights from the object store, model build, move to the device). They
@@ -106,9 +106,8 @@ class SegmentShards:
             torch.backends.cudnn.benchmark = True  # batches repeat a few shapes: tuned kernels pay
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
         self.max_pixels = configs[0].max_pixels
-        self.window = 2 * max(config.batch_size for config in configs)
+        self.window = 4 * max(config.batch_size for config in configs)
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="decode")
-        self.window_decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-window")
         self.seconds: Counter[str] = Counter({"startup": time.perf_counter() - started})
         """Seconds per stage since the last shard was returned; ``startup`` until the first one."""
 
@@ -163,12 +162,12 @@ class SegmentShards:
                 for outcome in outcomes:
                     outcome[index] = _error(image["error_type"], image["error_message"])
         windows = [readable[start : start + self.window] for start in range(0, len(readable), self.window)]
-        pending = self.window_decoder.submit(self._decode_window, images, windows[0]) if windows else None
+        pending = self._decode_async(images, windows[0]) if windows else []
         for number, indices in enumerate(windows):
             with self._timed("decode"):
-                decoded = pending.result()
-                if number + 1 < len(windows):
-                    pending = self.window_decoder.submit(self._decode_window, images, windows[number + 1])
+                decoded = {index: future.result() for index, future in zip(indices, pending)}
+                pending = self._decode_async(images, windows[number + 1]) if number + 1 < len(windows) else []
+                decoded |= self._decode_on_device(images, [index for index, result in decoded.items() if result is None])
             pixels: dict[int, torch.Tensor] = {}
             for index, result in decoded.items():
                 if isinstance(result, DecodeError):
@@ -203,18 +202,21 @@ class SegmentShards:
             for loaded, outcome, outputs_of_model in zip(self.models, outcomes, model_outputs)
         ]
 
-    def _decode_window(self, images: list[dict], indices: list[int]) -> dict[int, torch.Tensor | DecodeError]:
-        """``indices``' ``(3, H, W)`` pixels, or their :class:`DecodeError`: the JPEGs that the
-        device can decode in one batch on it, the rest on the host threads. Runs in its own
-        thread, one window ahead of the models."""
+    def _decode_async(self, images: list[dict], indices: list[int]) -> list[Future]:
+        """Per image, a future of its ``(3, H, W)`` pixels, its :class:`DecodeError`, or ``None``
+        where the device is to decode it."""
         on_device = self.device.type == "cuda"
-        on_host = self.decoder.map(lambda index: _decode_on_host(images[index]["data"], self.max_pixels, on_device), indices)
-        decoded = dict(zip(indices, on_host))
-        return decoded | self._decode_on_device(images, [index for index, result in decoded.items() if result is None])
+        return [self.decoder.submit(_decode_on_host, images[index]["data"], self.max_pixels, on_device) for index in indices]
 
     def _decode_on_device(self, images: list[dict], indices: list[int]) -> dict[int, torch.Tensor | DecodeError]:
         """``indices``' JPEGs decoded in one batch on the device; on the host, one by one, should
-        the device refuse the batch, so that a file nvjpeg rejects gets its own error row."""
+        the device refuse the batch, so that a file nvjpeg rejects gets its own error row.
+
+        Called on the actor's own thread once the previous window's results are on the host:
+        torchvision's CUDA decoder writes on a stream of its own without waiting for the
+        caller's, into memory that queued kernels may still read (pytorch/vision#9606). A
+        version that decoded the next window in a thread beside the models ran past every time
+        limit on the H100 (see benchmarks/BENCHMARKS.md)."""
         if not indices:
             return {}
         data = [torch.frombuffer(bytearray(images[index]["data"]), dtype=torch.uint8) for index in indices]
