@@ -6,6 +6,7 @@ with no row twice."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,7 +62,9 @@ def test_driver_killed_part_way_then_rerun_equals_a_clean_run(tmp_path: Path) ->
     assert 3 <= written < 16 and not (killed / "_runs").exists(), "the kill must land part-way"
     resumed = subprocess.run(_command(archive, killed), env=_environment(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed     {written} of 16 shards were already written" in resumed.stdout
+    # A write task that was under way when the driver died may still land its shard: that one counts as written too.
+    already = re.search(r"resumed     (\d+) of 16 shards were already written", resumed.stdout)
+    assert already and written <= int(already.group(1)) < 16, resumed.stdout
     undisturbed = subprocess.run(_command(archive, clean), env=_environment(), capture_output=True, text=True, timeout=300)
     assert undisturbed.returncode == 0, undisturbed.stderr[-3000:]
     for table in ("images", "masks", "class_stats"):
