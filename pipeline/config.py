@@ -71,8 +71,8 @@ class RunConfig(BaseModel):
     )
     actors: PositiveInt | None = Field(
         None,
-        description="model actors in the pool (default: four per GPU, sharing it so that one's host work (decoding, RLE, "
-        "rows) overlaps the others' GPU work; one on CPU-only clusters)",
+        description="model actors in the pool (default: four per GPU, sharing it so that one's host work (decoding, "
+        "copying results to the host) overlaps the others' GPU work; one on CPU-only clusters)",
     )
     max_pixels: PositiveInt = Field(
         100_000_000, description="images with more pixels are refused from their header, before decoding"
