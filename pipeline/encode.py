@@ -17,7 +17,6 @@ host time goes to feeding the GPU, and the string building to the CPUs the actor
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.schema import CLASS_STATS_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, unnest
+from pipeline.schema import CLASS_STATS_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, unnest, with_stage_seconds
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,11 @@ class Runs:
     values: np.ndarray
     height: int
     width: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The map's ``(height, width)``, as :attr:`Detections.shape` gives an image's."""
+        return self.height, self.width
 
 
 @dataclass(frozen=True)
@@ -299,7 +303,7 @@ def results_table(outputs: list[tuple[str, str, Runs | Detections]]) -> pa.Table
     images: a class map's :class:`Runs`, or :class:`Detections`."""
     maps = [[output] if isinstance(output, Runs) else output.masks or [] for _, _, output in outputs]
     detections = [None if isinstance(output, Runs) else output for _, _, output in outputs]
-    shapes = [(output.height, output.width) if isinstance(output, Runs) else output.shape for _, _, output in outputs]
+    shapes = [output.shape for _, _, output in outputs]
     columns = {
         "image_id": pa.array([image_id for image_id, _, _ in outputs], pa.string()),
         "uri": pa.array([uri for _, uri, _ in outputs], pa.string()),
@@ -393,8 +397,7 @@ def encode_shards(batch: pa.Table, *, categories: dict[str, tuple[str, ...]]) ->
             stats += [{**key, **stat} for stat in image_stats]
         masks_cells.append(nest(rows_to_table(masks, MASKS_SCHEMA)))
         stats_cells.append(nest(rows_to_table(stats, CLASS_STATS_SCHEMA)))
-        stages = json.loads(batch.column("stage_seconds")[row].as_py())
-        seconds.append(json.dumps(stages | {"encode": round(time.perf_counter() - started, 4)}))
+        seconds.append(with_stage_seconds(batch.column("stage_seconds")[row].as_py(), "encode", time.perf_counter() - started))
     kept = batch.drop_columns(["results", "stage_seconds"])
     return kept.append_column("stage_seconds", pa.array(seconds, pa.string())).append_column(
         "masks", pa.concat_arrays(masks_cells)

@@ -11,6 +11,8 @@ Ray Data may split or merge blocks, but never a row, so a shard is never torn ap
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 
 IMAGES_SCHEMA = pa.schema(
@@ -124,3 +126,9 @@ def unnest(cell: pa.Scalar, schema: pa.Schema) -> pa.Table:
 
 def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def with_stage_seconds(stage_seconds: str, stage: str, seconds: float) -> str:
+    """A shard row's ``stage_seconds`` (a JSON object of seconds per stage, which each stage
+    after the actors adds to) with ``stage``'s ``seconds``."""
+    return json.dumps(json.loads(stage_seconds) | {stage: round(seconds, 4)})

@@ -22,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import TABLE_SCHEMAS, unnest
+from pipeline.schema import TABLE_SCHEMAS, unnest, with_stage_seconds
 from pipeline.storage import retrying, write_object
 
 # images last: its file marks the shard as written.
@@ -57,8 +57,8 @@ def write_shards(batch: pa.Table, *, output: str, run_date: dt.date) -> pa.Table
             for name in WRITE_ORDER
         )
         summary = shard_summary(shard_id, tables["images"], tables["masks"], written)
-        stages = json.loads(batch.column("stage_seconds")[row].as_py()) | {"write": round(time.perf_counter() - started, 4)}
-        summaries.append({"run_id": run_id, **summary, "stage_seconds": json.dumps(stages)})
+        stages = with_stage_seconds(batch.column("stage_seconds")[row].as_py(), "write", time.perf_counter() - started)
+        summaries.append({"run_id": run_id, **summary, "stage_seconds": stages})
     return pa.Table.from_pylist(summaries)
 
 
