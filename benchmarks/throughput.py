@@ -12,7 +12,7 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (actor start-up, model load, the first shard's work) and the steady rate after it,
   from the written files' times, and from the manifest the slowest actor constructor and the
-  actors' seconds per stage (decode, model, encode, tables);
+  seconds per stage (the actors' decode, model and tables; the CPU tasks' encode and write);
 - **baseline**: a plain Ray Data script written the way Ray's batch-inference documentation
   shows it (``read_images``, CPU preprocessing, ``map_batches`` with a model class, CPU
   post-processing, class maps written as raw arrays); semantic models only (``--skip-baseline``

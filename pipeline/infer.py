@@ -153,7 +153,7 @@ class SegmentShards:
         """Per model, the ``images`` table's rows of one shard's images, in input order, and the
         ``(image_id, uri, model output)`` of those that are ok."""
         outcomes: list[dict[int, dict]] = [{} for _ in self.models]
-        model_outputs: list[list[tuple[str, str, Runs | Detections]]] = [[] for _ in self.models]
+        ok_outputs: list[list[tuple[str, str, Runs | Detections]]] = [[] for _ in self.models]
         readable = []
         for index, image in enumerate(images):
             if image["error_type"] is None:
@@ -175,7 +175,7 @@ class SegmentShards:
                         outcome[index] = _error(result.error_type, str(result))
                 else:
                     pixels[index] = result
-            for loaded, outcome, outputs_of_model in zip(self.models, outcomes, model_outputs):
+            for loaded, outcome, outputs_of_model in zip(self.models, outcomes, ok_outputs):
                 for index, result in self._predict(loaded, pixels).items():
                     if isinstance(result, Exception):
                         error_type = "out_of_memory" if isinstance(result, torch.OutOfMemoryError) else "inference_error"
@@ -199,7 +199,7 @@ class SegmentShards:
                 ],
                 outputs_of_model,
             )
-            for loaded, outcome, outputs_of_model in zip(self.models, outcomes, model_outputs)
+            for loaded, outcome, outputs_of_model in zip(self.models, outcomes, ok_outputs)
         ]
 
     def _decode_async(self, images: list[dict], indices: list[int]) -> list[Future]:
