@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from pipeline.schema import CLASS_STATS_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, unnest, with_stage_seconds
+
+# The functions that take tensors import torch themselves: they run in the model actors, while
+# the encode tasks only build strings and rows, and a worker process that imports torch grows by
+# about 480 MiB and takes a second or two longer to start.
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class EncodedMask:
 
 def map_runs(maps: torch.Tensor) -> list[Runs]:
     """Runs of each map of an integer or boolean ``(N, H, W)`` tensor, found on its device."""
+    import torch
+
     count, height, width = maps.shape
     flat = maps.transpose(1, 2).reshape(count, height * width)
     starts_run = torch.ones_like(flat, dtype=torch.bool)
@@ -153,6 +161,8 @@ def _encode_keyed_runs(keys: np.ndarray, starts: np.ndarray, ends: np.ndarray, *
 
 def encode_class_map(class_map: np.ndarray) -> dict[int, EncodedMask]:
     """One mask per class present in an ``(H, W)`` integer class map, keyed by class id."""
+    import torch
+
     return encode_runs(map_runs(torch.from_numpy(np.ascontiguousarray(class_map))[None])[0])
 
 
@@ -193,6 +203,8 @@ def summarize_detections(
 ) -> Detections:
     """:class:`Detections` of one image from its tensors (``masks``: boolean ``(K, H, W)``), with
     the runs and the union areas computed on the tensors' device."""
+    import torch
+
     covered = masks if masks is not None else _box_masks(boxes, height, width)
     classes, class_of_mask = labels.unique(return_inverse=True)
     # Masks covering a pixel, per class: a class's union is where its count is not zero.
@@ -239,6 +251,8 @@ def instance_rows(detections: Detections, categories: tuple[str, ...]) -> tuple[
 
 def _box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Boxes rasterised to boolean ``(K, H, W)`` masks: the pixels whose centres they contain."""
+    import torch
+
     rows = torch.arange(height, device=boxes.device)[None, :, None] + 0.5
     columns = torch.arange(width, device=boxes.device)[None, None, :] + 0.5
     x1, y1, x2, y2 = (boxes[:, i, None, None] for i in range(4))

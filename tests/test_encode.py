@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +29,7 @@ from pipeline.encode import (
 from pipeline.schema import CLASS_STATS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, unnest
 
 CATEGORIES = tuple(f"c{i}" for i in range(6))
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _decode(rle: str, height: int, width: int) -> np.ndarray:
@@ -181,3 +185,10 @@ def test_encode_tasks_turn_results_into_mask_and_statistics_rows() -> None:
     assert [(row["run_id"], row["pixel_count"]) for row in stats] == [("r", 2), ("r", 4)]
     assert unnest(encoded.column("masks")[1], MASKS_SCHEMA).num_rows == 0
     assert set(json.loads(encoded.column("stage_seconds")[0].as_py())) == {"model", "encode"}
+
+
+def test_the_cpu_tasks_do_not_load_torch() -> None:
+    # Each of their worker processes would grow by some 480 MiB and start a second or two later.
+    check = "import sys, pipeline.read, pipeline.encode, pipeline.write; print(sorted({'torch', 'torchvision'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert result.stdout.strip() == "[]"
