@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -135,8 +135,8 @@ def _run_together(plans: list[_Plan]) -> list[dict]:
     shards = plans[0].listing.shards
     todo = [shard for shard in shards if any(shard.shard_id not in plan.written for plan in plans)]
     ray_startup_seconds = ensure_ray() if todo else 0.0
-    started = time.monotonic()
-    first_shard_seconds = None
+    started, started_at = time.monotonic(), time.time()
+    first_shard: tuple[float, dict] | None = None
     rows: dict[str, dict[str, dict]] = {plan.run_id: dict(plan.written) for plan in plans}
     if todo:
         device, actors, actor_resources = _plan_actors(plans[0].config)
@@ -147,13 +147,14 @@ def _run_together(plans: list[_Plan]) -> list[dict]:
                 f"{plan.spec.name} ({plan.weights.source}) on {actors} {device} actor(s)",
                 flush=True,
             )
-        for row in _execute(plans, todo, device, actors, actor_resources):
+        for row in _execute(plans, todo, device, actors, actor_resources, started_at):
             rows[row["run_id"]][row["shard_id"]] = row
-            first_shard_seconds = first_shard_seconds or time.monotonic() - started
+            first_shard = first_shard or (time.monotonic() - started, row)
     timings = {
         "seconds": round(time.monotonic() - started, 3),
         "ray_startup_seconds": round(ray_startup_seconds, 3),
-        "first_shard_seconds": first_shard_seconds and round(first_shard_seconds, 3),
+        "first_shard_seconds": first_shard and round(first_shard[0], 3),
+        "first_shard_stage_seconds": first_shard and _stage_seconds([first_shard[1]]),
     }
     return [_commit(plan, rows[plan.run_id], timings, [other.run_id for other in plans if other is not plan]) for plan in plans]
 
@@ -178,19 +179,33 @@ def _commit(plan: _Plan, shard_rows: dict[str, dict], timings: dict, decoded_wit
     return write_manifest(config.output, plan.run_id, manifest)
 
 
-def _stage_timings(shard_rows: Iterable[dict]) -> dict:
-    """The slowest actor constructor, and the seconds per stage summed over the shards that
-    this attempt processed: the actors' (see :class:`pipeline.infer.SegmentShards`), then the
-    encode and write tasks'."""
+_ACTOR_START_FIGURES = ("startup", "ready")
+"""What an actor's first shard carries besides its stages (see :class:`pipeline.infer.SegmentShards`)."""
+
+
+def _stage_timings(shard_rows: Collection[dict]) -> dict:
+    """When the slowest actor was ready and how long its constructor took, and the seconds
+    per stage summed over the shards that this attempt processed."""
     per_shard = [json.loads(row["stage_seconds"]) for row in shard_rows if row.get("stage_seconds")]
-    startups = [seconds.pop("startup") for seconds in per_shard if "startup" in seconds]
-    stages: Counter[str] = Counter()
-    for seconds in per_shard:
-        stages.update(seconds)
-    return {
-        "actor_startup_seconds": round(max(startups), 3) if startups else None,
-        "stage_seconds": {stage: round(total, 3) for stage, total in stages.most_common()},
+    slowest = {
+        figure: max((seconds[figure] for seconds in per_shard if figure in seconds), default=None) for figure in _ACTOR_START_FIGURES
     }
+    return {
+        "actor_startup_seconds": slowest["startup"] and round(slowest["startup"], 3),
+        "actors_ready_seconds": slowest["ready"] and round(slowest["ready"], 3),
+        "stage_seconds": _stage_seconds(shard_rows),
+    }
+
+
+def _stage_seconds(shard_rows: Iterable[dict]) -> dict[str, float]:
+    """Seconds per stage summed over ``shard_rows``: the actors' (decode, model, tables), then
+    the encode and write tasks', most first."""
+    stages: Counter[str] = Counter()
+    for row in shard_rows:
+        if row.get("stage_seconds"):
+            seconds = json.loads(row["stage_seconds"])
+            stages.update({stage: seconds[stage] for stage in seconds.keys() - set(_ACTOR_START_FIGURES)})
+    return {stage: round(total, 3) for stage, total in stages.most_common()}
 
 
 def error_rate_exceeded(manifest: dict) -> str | None:
@@ -253,10 +268,10 @@ def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
 
 
 def _execute(
-    plans: list[_Plan], shards: list[Shard], device: str, actors: int, actor_resources: dict
+    plans: list[_Plan], shards: list[Shard], device: str, actors: int, actor_resources: dict, started_at: float
 ) -> Iterator[dict]:
     """Run read -> infer -> encode -> write over ``shards`` for every plan; yields one summary
-    row per (shard, run), as each is written."""
+    row per (shard, run), as each is written. ``started_at``: ``time.time()`` as the pipeline started."""
     config = plans[0].config
     dataset = (
         ray.data.from_items([{"shard": shard.to_json()} for shard in shards], override_num_blocks=len(shards))
@@ -277,6 +292,7 @@ def _execute(
                 "run_ids": [plan.run_id for plan in plans],
                 "device": device,
                 "weights": [ray.put(plan.weights) for plan in plans],
+                "pipeline_started_at": started_at,
             },
             **actor_resources,
         )

@@ -59,6 +59,7 @@ def _stage_line(timings: dict) -> str:
     total = sum(stages.values()) or 1.0
     shares = ", ".join(f"{stage} {seconds / total:.0%}" for stage, seconds in sorted(stages.items(), key=lambda item: -item[1]))
     return (
-        f"first shard written after {timings['first_shard_seconds']:.1f} s (actor start-up {timings['actor_startup_seconds']:.1f} s); "
+        f"first shard written after {timings['first_shard_seconds']:.1f} s (actors ready after {timings['actors_ready_seconds']:.1f} s, "
+        f"constructor {timings['actor_startup_seconds']:.1f} s); "
         f"time per stage: {shares}"
     )

@@ -93,10 +93,15 @@ class SegmentShards:
     what they could not hide counts, plus the device's JPEG decoding), ``model`` (the forward
     pass and the device's post-processing, until the runs and boxes are on the host) and
     ``tables`` (Arrow); the actor's first shard also carries ``startup``, the seconds its
-    constructor took (weights from the object store, model build, move to the device). They
-    are host times: queued device work counts in the stage that waits for it."""
+    constructor took (weights from the object store, model build, move to the device), and
+    ``ready``, the seconds from ``pipeline_started_at`` (the driver's ``time.time()`` as the
+    pipeline started) until the constructor returned: the actor's scheduling, its worker
+    process starting and importing torch, then the constructor. They are host times: queued
+    device work counts in the stage that waits for it."""
 
-    def __init__(self, *, configs: list[RunConfig], run_ids: list[str], device: str, weights: list[ray.ObjectRef]) -> None:
+    def __init__(
+        self, *, configs: list[RunConfig], run_ids: list[str], device: str, weights: list[ray.ObjectRef], pipeline_started_at: float
+    ) -> None:
         started = time.perf_counter()
         self.device = torch.device(device)
         if self.device.type == "cpu":
@@ -108,8 +113,8 @@ class SegmentShards:
         self.max_pixels = configs[0].max_pixels
         self.window = 4 * max(config.batch_size for config in configs)
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="decode")
-        self.seconds: Counter[str] = Counter({"startup": time.perf_counter() - started})
-        """Seconds per stage since the last shard was returned; ``startup`` until the first one."""
+        self.seconds: Counter[str] = Counter({"startup": time.perf_counter() - started, "ready": time.time() - pipeline_started_at})
+        """Seconds per stage since the last shard was returned; ``startup`` and ``ready`` until the first one."""
 
     def _load(self, config: RunConfig, run_id: str, weights: Weights) -> LoadedModel:
         spec = get_model_spec(config.model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -70,7 +71,8 @@ def _segment(config: RunConfig, batch: pa.Table, capacity: int | None, *, calls:
     """The last of ``calls`` calls' rows, and the batch sizes the model saw over all of them."""
     weights = resolve_weights(config.weights, get_model_spec(config.model))
     actor = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(
-        capacity=capacity or 1 << 62, configs=[config], run_ids=["test"], device="cpu", weights=ray.put(weights)
+        capacity=capacity or 1 << 62, configs=[config], run_ids=["test"], device="cpu", weights=ray.put(weights),
+        pipeline_started_at=time.time(),
     )
     for _ in range(calls):
         out = ray.get(actor.__call__.remote(batch))

@@ -68,7 +68,9 @@ def test_an_interrupted_run_resumes_with_only_the_missing_shards(archive: Path, 
     first = run(_config(archive, interrupted))
     timings = first["timings"]
     assert set(timings["stage_seconds"]) == {"decode", "model", "tables", "encode", "write"} and timings["actor_startup_seconds"] > 0
-    assert 0 < timings["first_shard_seconds"] <= timings["seconds"]
+    assert set(timings["first_shard_stage_seconds"]) == set(timings["stage_seconds"])
+    # the actor was ready (worker process started, torch imported, constructor done) before it wrote a shard
+    assert timings["actor_startup_seconds"] < timings["actors_ready_seconds"] < timings["first_shard_seconds"] <= timings["seconds"]
     # as if the driver died after three shards: the manifest and one shard's images file are missing
     Path(first["manifest_uri"].removeprefix("file://")).unlink()
     lost = first["shards"][1]["files"]["images"].removeprefix("file://")
