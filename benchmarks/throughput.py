@@ -11,8 +11,9 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (actor start-up, model load, the first shard's work) and the steady rate after it,
-  from the written files' times, and from the manifest the slowest actor constructor and the
-  seconds per stage (the actors' decode, model and tables; the CPU tasks' encode and write);
+  from the written files' times, and from the manifest when the slowest actor was ready, its
+  constructor's seconds, and the seconds per stage (the actors' decode, model and tables; the
+  CPU tasks' encode and write), of the first shard and of all;
 - **baseline**: a plain Ray Data script written the way Ray's batch-inference documentation
   shows it (``read_images``, CPU preprocessing, ``map_batches`` with a model class, CPU
   post-processing, class maps written as raw arrays); semantic models only (``--skip-baseline``
@@ -28,6 +29,7 @@ end-to-end run (sampled with ``nvidia-smi``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
@@ -180,8 +182,10 @@ def end_to_end(
         "ok": counts["ok"],
         "bytes_per_image": counts["bytes_written"] / counts["images"],
         "raw_class_map_bytes_per_rle_byte": raw_class_map_bytes / rle_bytes if rle_bytes else None,
-        "actor_startup_seconds": manifest["timings"]["actor_startup_seconds"],
-        "stage_seconds": manifest["timings"]["stage_seconds"],
+        **{
+            figure: manifest["timings"][figure]
+            for figure in ("actors_ready_seconds", "actor_startup_seconds", "first_shard_stage_seconds", "stage_seconds")
+        },
         **(sampler.summary() if sampler is not None else {"gpu_busy_percent": None, "peak_gpu_memory_mib": None}),
     }
 
@@ -301,7 +305,9 @@ def measure(
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
         "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
+        "end_to_end_actors_ready_seconds": whole["actors_ready_seconds"],
         "end_to_end_actor_startup_seconds": whole["actor_startup_seconds"],
+        "end_to_end_first_shard_stage_seconds": whole["first_shard_stage_seconds"],
         "end_to_end_stage_seconds": whole["stage_seconds"],
         "baseline_ips": plain["ips"] if plain else None,
         "ratio_model": whole["ips"] / only["ips"],
@@ -341,9 +347,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
     width, height = args.size
-    result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
-                     device=args.device, batch_size=args.batch_size, skip_baseline=args.skip_baseline, workdir=workdir,
-                     settings={"files_per_shard": args.files_per_shard, "compile": args.compile, "actors": args.actors})  # fmt: skip
+    # With --json, stdout holds the one object: segpipe's progress lines go to stderr with the phases' figures.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
+                         device=args.device, batch_size=args.batch_size, skip_baseline=args.skip_baseline, workdir=workdir,
+                         settings={"files_per_shard": args.files_per_shard, "compile": args.compile, "actors": args.actors})  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return
