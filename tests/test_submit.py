@@ -66,7 +66,9 @@ def ray_head(s3_endpoint: str, tmp_path: Path) -> Iterator[str]:
     finally:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=60)
+            # an idle head stops in about 3 s; one that ran a job waits out grace periods (30 s).
+            # Its processes share one process group, so none outlives the kill.
+            process.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
