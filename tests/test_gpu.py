@@ -123,4 +123,5 @@ def test_torchvision_models_run_on_the_gpu_in_bf16(tmp_path: Path, model: str) -
     manifest = run(RunConfig(input=str(archive), output=str(tmp_path / "out"), model=model, weights="random", device="cuda",
                              score_threshold=0.0, run_date=dt.date(2026, 11, 26), max_error_rate=1.0))  # fmt: skip
     assert manifest["counts"]["images"] == len(list(archive.iterdir()))
-    assert manifest["counts"]["error"] == 2  # truncated.jpg and empty.jpg
+    errors = [row for row in _read(tmp_path / "out", "images", ["uri", "status", "error_message"]) if row["status"] == "error"]
+    assert sorted(Path(row["uri"]).name for row in errors) == ["empty.jpg", "truncated.jpg"], errors
