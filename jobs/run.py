@@ -19,7 +19,7 @@ import platform
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -154,7 +154,7 @@ def _run_together(plans: list[_Plan]) -> list[dict]:
         "seconds": round(time.monotonic() - started, 3),
         "ray_startup_seconds": round(ray_startup_seconds, 3),
         "first_shard_seconds": first_shard and round(first_shard[0], 3),
-        "first_shard_stage_seconds": first_shard and _stage_seconds([first_shard[1]]),
+        "first_shard_stage_seconds": first_shard and _summed_stages([json.loads(first_shard[1]["stage_seconds"])]),
     }
     return [_commit(plan, rows[plan.run_id], timings, [other.run_id for other in plans if other is not plan]) for plan in plans]
 
@@ -183,7 +183,7 @@ _ACTOR_START_FIGURES = ("startup", "ready")
 """What an actor's first shard carries besides its stages (see :class:`pipeline.infer.SegmentShards`)."""
 
 
-def _stage_timings(shard_rows: Collection[dict]) -> dict:
+def _stage_timings(shard_rows: Iterable[dict]) -> dict:
     """When the slowest actor was ready and how long its constructor took, and the seconds
     per stage summed over the shards that this attempt processed."""
     per_shard = [json.loads(row["stage_seconds"]) for row in shard_rows if row.get("stage_seconds")]
@@ -193,18 +193,16 @@ def _stage_timings(shard_rows: Collection[dict]) -> dict:
     return {
         "actor_startup_seconds": slowest["startup"] and round(slowest["startup"], 3),
         "actors_ready_seconds": slowest["ready"] and round(slowest["ready"], 3),
-        "stage_seconds": _stage_seconds(shard_rows),
+        "stage_seconds": _summed_stages(per_shard),
     }
 
 
-def _stage_seconds(shard_rows: Iterable[dict]) -> dict[str, float]:
-    """Seconds per stage summed over ``shard_rows``: the actors' (decode, model, tables), then
-    the encode and write tasks', most first."""
+def _summed_stages(per_shard: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Seconds per stage summed over shards' ``stage_seconds``: the actors' (decode, model,
+    tables), then the encode and write tasks', most first."""
     stages: Counter[str] = Counter()
-    for row in shard_rows:
-        if row.get("stage_seconds"):
-            seconds = json.loads(row["stage_seconds"])
-            stages.update({stage: seconds[stage] for stage in seconds.keys() - set(_ACTOR_START_FIGURES)})
+    for seconds in per_shard:
+        stages.update({stage: seconds[stage] for stage in seconds.keys() - set(_ACTOR_START_FIGURES)})
     return {stage: round(total, 3) for stage, total in stages.most_common()}
 
 
