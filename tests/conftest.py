@@ -91,12 +91,13 @@ class SeaweedFS:
             )  # fmt: skip
         _wait_for_s3(self.endpoint, self.process, self.log)
 
-    def stop(self) -> None:
+    def stop(self, *, grace_seconds: float = 20) -> None:
+        """Stops the server, killing it if it has not stopped after ``grace_seconds``."""
         if self.process is None:
             return
         self.process.terminate()
         try:
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=grace_seconds)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -121,7 +122,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.environ.update(server.environment())
         yield server.endpoint
     finally:
-        server.stop()
+        server.stop(grace_seconds=2)  # the data is not read again; its shutdown sometimes hangs
 
 
 @pytest.fixture(scope="session")
@@ -164,4 +165,4 @@ def private_s3(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Seawe
         server.start()
         yield server
     finally:
-        server.stop()
+        server.stop(grace_seconds=2)  # the data is not read again; its shutdown sometimes hangs
