@@ -108,7 +108,7 @@ class SegmentShards:
             cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
             torch.set_num_threads(max(1, round(cpus)))
         else:
-            torch.backends.cudnn.benchmark = True  # batches repeat a few shapes: tuned kernels pay
+            torch.backends.cudnn.benchmark = True  # a kernel search per batch shape, repaid where shapes recur
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
         self.max_pixels = configs[0].max_pixels
         self.window = 4 * max(config.batch_size for config in configs)
