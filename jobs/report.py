@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from jobs.query import connect
+from jobs.summary import stage_line
 from pipeline.decode import DecodeError, decode_image
 from pipeline.commit import read_manifests
 from pipeline.errors import InputError
@@ -193,6 +194,7 @@ def _page(
         ("masks", str(counts["masks"])),
         ("duration", f"{seconds:.1f} s (plus {timings['ray_startup_seconds']:.1f} s Ray start-up)"),
         ("throughput", f"{counts['images'] / seconds if seconds else 0:.2f} images/s"),
+        *([("stages", stage_line(timings))] if timings.get("stage_seconds") else []),
         ("model", f"{manifest['model']['name']} ({manifest['model']['task']})"),
         ("weights", f"{manifest['weights']['source']}, sha256 {manifest['weights']['sha256']}"),
     ]

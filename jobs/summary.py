@@ -38,7 +38,7 @@ def format_summary(manifest: dict) -> str:
         f"  report:         segpipe report {output} --run-date {config['run_date']} --model {config['model']} --out report.html",
     ]
     if timings.get("stage_seconds"):
-        lines.insert(5, f"  stages      {_stage_line(timings)}")
+        lines.insert(5, f"  stages      {stage_line(timings)}")
     if manifest.get("resumed_shards"):
         lines.insert(3, f"  resumed     {manifest['resumed_shards']} of {len(manifest['shards'])} shards were already written")
     skipped = manifest.get("skipped") or {}
@@ -53,7 +53,7 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _stage_line(timings: dict) -> str:
+def stage_line(timings: dict) -> str:
     """Where the time went, so that a slow run says what to look at."""
     stages = timings["stage_seconds"]
     total = sum(stages.values()) or 1.0

@@ -96,6 +96,7 @@ def test_the_report_shows_the_run_its_samples_and_its_failures(shapes_run: Path,
     assert structure.summary["images"] == "7 in: 6 ok, 1 failed"
     assert structure.summary["errors by type"] == "truncated_image 1"
     assert structure.summary["model"].startswith(model)
+    assert structure.summary["stages"].startswith("first shard written after") and "time per stage: model " in structure.summary["stages"]
     assert re.fullmatch(r"segpipe preset shapes, sha256 [0-9a-f]{64}", structure.summary["weights"])
     assert structure.charts >= 1 and task_marks in page
     assert set(structure.legend) <= {"circle", "square", "triangle"} and structure.legend
