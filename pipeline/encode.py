@@ -312,6 +312,9 @@ def mask_count(output: Runs | Detections) -> int:
     return len(output.labels)
 
 
+_NO_RUNS = np.zeros(0, dtype=np.int64)
+
+
 def results_table(outputs: list[tuple[str, str, Runs | Detections]]) -> pa.Table:
     """:data:`~pipeline.schema.RESULTS_SCHEMA` rows of ``(image_id, uri, model output)`` of ok
     images: a class map's :class:`Runs`, or :class:`Detections`."""
@@ -323,8 +326,9 @@ def results_table(outputs: list[tuple[str, str, Runs | Detections]]) -> pa.Table
         "uri": pa.array([uri for _, uri, _ in outputs], pa.string()),
         "height": pa.array([height for height, _ in shapes], pa.int32()),
         "width": pa.array([width for _, width in shapes], pa.int32()),
-        "run_starts": [np.concatenate([runs.starts for runs in image_maps] or [[]]) for image_maps in maps],
-        "run_values": [np.concatenate([runs.values for runs in image_maps] or [[]]) for image_maps in maps],
+        # an image without masks starts from an int64 empty array: a float one would turn the shard's runs to float64
+        "run_starts": [np.concatenate([_NO_RUNS, *(runs.starts for runs in image_maps)]) for image_maps in maps],
+        "run_values": [np.concatenate([_NO_RUNS, *(runs.values for runs in image_maps)]) for image_maps in maps],
         "runs_per_map": [
             None if found is None or found.masks is None else [len(runs.starts) for runs in image_maps]
             for found, image_maps in zip(detections, maps)
