@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files-per-shard", type=int, default=64,
                         help="images per shard in the end-to-end run (default 64: enough shards to keep every actor busy)")
     parser.add_argument("--actors", type=int, help="model actors of the end-to-end run (default: segpipe's)")
+    parser.add_argument("--threads-per-actor", type=int, default=1, help="shards each actor works on at once (default 1)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave the plain Ray Data script out (baseline_ips null)")
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                         help="time the model compiled in this mode too, and run segpipe with --compile MODE "
@@ -351,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
                          device=args.device, batch_size=args.batch_size, skip_baseline=args.skip_baseline, workdir=workdir,
-                         settings={"files_per_shard": args.files_per_shard, "compile": args.compile, "actors": args.actors})  # fmt: skip
+                         settings={"files_per_shard": args.files_per_shard, "compile": args.compile, "actors": args.actors,
+                                   "threads_per_actor": args.threads_per_actor})  # fmt: skip
     if args.json:
         print(json.dumps(result))
         return

@@ -14,6 +14,7 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -43,11 +44,14 @@ from pipeline.write import partition_path, remove_stale_shards, shard_file, writ
 # ask the same, so that Ray Data fuses each with its shard's write into one task.
 _IO_TASK_CPUS = 0.5
 _CHECK_THREADS = 16
-_ACTORS_PER_GPU = 4
+_SHARDS_PER_GPU = 4
+"""Shards that the default pool works on at once on each GPU: four actors, or fewer with threads."""
 _RUN_ID_FIELDS = (
     "input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels",
     "incremental", "precision", "pad_to_multiple", "compile",
 )  # fmt: skip
+_PIPELINE_FIELDS = {"output", "run_date", "image_column", "max_pixels", "device", "actors", "threads_per_actor"}
+"""What runs over the same shards must share to go through one pipeline."""
 
 
 @dataclass
@@ -86,7 +90,7 @@ def run_all(configs: list[RunConfig]) -> list[dict]:
             plans[position] = outcome
     groups: dict[tuple, list[int]] = defaultdict(list)
     for position, plan in plans.items():
-        shared = plan.config.model_dump(include={"output", "run_date", "image_column", "max_pixels", "device", "actors"})
+        shared = plan.config.model_dump(include=_PIPELINE_FIELDS)
         groups[(tuple(shard.shard_id for shard in plan.listing.shards), *shared.values())].append(position)
     for positions in groups.values():
         for position, manifest in zip(positions, _run_together([plans[position] for position in positions])):
@@ -144,7 +148,8 @@ def _run_together(plans: list[_Plan]) -> list[dict]:
             resumed = f" ({len(plan.written)} already written by an interrupted attempt)" if plan.written else ""
             print(
                 f"segpipe: run {plan.run_id}: {len(todo)} shards to do{resumed} from {display_uri(plan.config.input)}, "
-                f"{plan.spec.name} ({plan.weights.source}) on {actors} {device} actor(s)",
+                f"{plan.spec.name} ({plan.weights.source}) on {actors} {device} actor(s)"
+                + (f" of {plan.config.threads_per_actor} threads" if plan.config.threads_per_actor > 1 else ""),
                 flush=True,
             )
         for row in _execute(plans, todo, device, actors, actor_resources, started_at):
@@ -256,7 +261,7 @@ def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
     if config.device == "cuda" and gpus == 0:
         raise InputError("--device cuda, but the Ray cluster has no GPUs")
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
-        actors = config.actors or _ACTORS_PER_GPU * gpus
+        actors = config.actors or gpus * math.ceil(_SHARDS_PER_GPU / config.threads_per_actor)
         return "cuda", actors, {"num_gpus": min(1.0, gpus / actors)}
     actors = config.actors or 1
     cpus = resources.get("CPU", 1.0)
@@ -284,7 +289,11 @@ def _execute(
             SegmentShards,
             batch_size=1,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actors),
+            compute=ray.data.ActorPoolStrategy(
+                size=actors,
+                max_concurrent_calls_per_actor=config.threads_per_actor,
+                enable_true_multi_threading=config.threads_per_actor > 1,
+            ),
             fn_constructor_kwargs={
                 "configs": [plan.config for plan in plans],
                 "run_ids": [plan.run_id for plan in plans],

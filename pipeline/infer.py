@@ -8,6 +8,8 @@ models, runs each model on batches of up to its ``batch_size`` images that enter
 at one size (so that no image's results depend on its neighbours; ``pad_to_multiple`` rounds
 semantic inputs up to share more batches), and hands on each image's runs and detections, which
 the encode stage (:mod:`pipeline.encode`, CPU tasks) turns into RLE strings and table rows.
+With ``threads_per_actor`` above 1, Ray calls it from that many threads at once, a shard each,
+each thread on a CUDA stream of its own.
 
 On a GPU, compressed bytes are what crosses the object store and the host: complete RGB JPEGs
 are decoded a window at a time on the device (nvjpeg, through ``torchvision.io.decode_jpeg``),
@@ -38,11 +40,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -97,7 +100,12 @@ class SegmentShards:
     ``ready``, the seconds from ``pipeline_started_at`` (the driver's ``time.time()`` as the
     pipeline started) until the constructor returned: the actor's scheduling, its worker
     process starting and importing torch, then the constructor. They are host times: queued
-    device work counts in the stage that waits for it."""
+    device work counts in the stage that waits for it.
+
+    With ``threads_per_actor`` above 1, Ray calls the actor from that many threads at once: each
+    works on its own shard, on a CUDA stream of its own, so that one thread's host work and its
+    waits for its results overlap the others' kernels inside one process and one copy of the
+    models, where separate actors would time-share the GPU between their processes."""
 
     def __init__(
         self, *, configs: list[RunConfig], run_ids: list[str], device: str, weights: list[ray.ObjectRef], pipeline_started_at: float
@@ -112,9 +120,12 @@ class SegmentShards:
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
         self.max_pixels = configs[0].max_pixels
         self.window = 4 * max(config.batch_size for config in configs)
-        self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS, thread_name_prefix="decode")
-        self.seconds: Counter[str] = Counter({"startup": time.perf_counter() - started, "ready": time.time() - pipeline_started_at})
-        """Seconds per stage since the last shard was returned; ``startup`` and ``ready`` until the first one."""
+        self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS * configs[0].threads_per_actor, thread_name_prefix="decode")
+        self.calling_thread = threading.local()
+        """Per thread that Ray calls the actor from: ``seconds`` (per stage, of the shard in hand) and ``stream``."""
+        self.start_figures = {"startup": time.perf_counter() - started, "ready": time.time() - pipeline_started_at}
+        """Until the first shard takes them."""
+        self.start_figures_lock = threading.Lock()
 
     def _load(self, config: RunConfig, run_id: str, weights: Weights) -> LoadedModel:
         spec = get_model_spec(config.model)
@@ -130,7 +141,10 @@ class SegmentShards:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns: dict[str, list] = defaultdict(list)
-        with torch.inference_mode():
+        with self.start_figures_lock:
+            seconds = self.calling_thread.seconds = Counter(self.start_figures)
+            self.start_figures = {}
+        with torch.inference_mode(), self._own_stream():
             for shard_id, cell in zip(batch.column("shard_id").to_pylist(), batch.column("images")):
                 per_model = self._segment_shard(shard_id, unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist())
                 for loaded, (images, outputs) in zip(self.models, per_model):
@@ -141,8 +155,8 @@ class SegmentShards:
                         columns["images"].append(nest(rows_to_table(images, IMAGES_SCHEMA)))
                         columns["results"].append(nest(results_table(outputs)))
                 # Every model's row carries the shard's seconds: the stages serve all models at once.
-                columns["stage_seconds"] += [json.dumps({stage: round(s, 4) for stage, s in self.seconds.items()})] * len(per_model)
-                self.seconds.clear()
+                columns["stage_seconds"] += [json.dumps({stage: round(s, 4) for stage, s in seconds.items()})] * len(per_model)
+                seconds.clear()
         tables = {name: pa.concat_arrays(columns[name]) for name in ("images", "results")}
         return pa.table({name: columns[name] for name in ("shard_id", "run_id", "model", "stage_seconds")} | tables)
 
@@ -152,7 +166,16 @@ class SegmentShards:
         try:
             yield
         finally:
-            self.seconds[stage] += time.perf_counter() - started
+            self.calling_thread.seconds[stage] += time.perf_counter() - started
+
+    def _own_stream(self) -> AbstractContextManager:
+        """On a GPU, the calling thread's CUDA stream as the current one: a thread waiting for its
+        results (``.cpu()``) waits for its own kernels only."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        if not hasattr(self.calling_thread, "stream"):
+            self.calling_thread.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(self.calling_thread.stream)
 
     def _segment_shard(self, shard_id: str, images: list[dict]) -> list[tuple[list[dict], list[tuple[str, str, Runs | Detections]]]]:
         """Per model, the ``images`` table's rows of one shard's images, in input order, and the
@@ -217,9 +240,11 @@ class SegmentShards:
         """``indices``' JPEGs decoded in one batch on the device; on the host, one by one, should
         the device refuse the batch, so that a file nvjpeg rejects gets its own error row.
 
-        Called on the actor's own thread once the previous window's results are on the host:
-        torchvision's CUDA decoder writes on a stream of its own without waiting for the
-        caller's, into memory that queued kernels may still read (pytorch/vision#9606). A
+        Called on the thread that runs the models, once its previous window's results are on the
+        host: torchvision's CUDA decoder writes on a stream of its own without waiting for the
+        caller's, into memory that kernels queued on the caller's stream may still read
+        (pytorch/vision#9606). The caching allocator gives a stream's freed memory back to that
+        stream only, so the other threads' queued kernels (``threads_per_actor``) are no hazard. A
         version that decoded the next window in a thread beside the models ran past every time
         limit on the H100 (see benchmarks/BENCHMARKS.md)."""
         if not indices:

@@ -1,6 +1,6 @@
 """The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, the device's
-run finding, union areas and batched mask paste equal the host's and torchvision's, and ``segpipe run`` on a GPU accounts for every
-image with the CPU run's outcome and, with trained weights, its masks.
+run finding, union areas and batched mask paste equal the host's and torchvision's, and ``segpipe run`` on a GPU, with one
+thread per actor or several, accounts for every image with the CPU run's outcome and, with trained weights, its masks.
 
 Skipped where there is no GPU (CI has none); run on a GPU machine with ``pytest tests/test_gpu.py``.
 """
@@ -97,23 +97,26 @@ def _read(output: Path, table: str, columns: list[str]) -> list[dict]:
 @pytest.mark.usefixtures("ray_with_gpu")
 def test_a_gpu_run_matches_the_cpu_run(tmp_path: Path) -> None:
     archive = _archive(tmp_path / "archive")
+    # one actor's four threads on four CUDA streams, as well as four actors of one thread each
+    settings = {"cpu": {"device": "cpu"}, "cuda": {"device": "cuda"}, "cuda threads": {"device": "cuda", "threads_per_actor": 4}}
     outputs = {}
-    for device in ("cpu", "cuda"):
-        outputs[device] = tmp_path / device
-        run(RunConfig(input=str(archive), output=str(outputs[device]), model="unet", weights="shapes", device=device,
-                      files_per_shard=10, run_date=dt.date(2026, 11, 26), max_error_rate=1.0))  # fmt: skip
-    images = {device: {row["uri"]: (row["status"], row["error_type"]) for row in _read(path, "images", ["uri", "status", "error_type"])}
-              for device, path in outputs.items()}  # fmt: skip
-    assert images["cuda"] == images["cpu"]
+    for name, setting in settings.items():
+        outputs[name] = tmp_path / name.replace(" ", "-")
+        run(RunConfig(input=str(archive), output=str(outputs[name]), model="unet", weights="shapes", files_per_shard=10,
+                      run_date=dt.date(2026, 11, 26), max_error_rate=1.0, **setting))  # fmt: skip
+    images = {name: {row["uri"]: (row["status"], row["error_type"]) for row in _read(path, "images", ["uri", "status", "error_type"])}
+              for name, path in outputs.items()}  # fmt: skip
+    assert images["cuda"] == images["cpu"] and images["cuda threads"] == images["cpu"]
     assert len(images["cuda"]) == len(list(archive.iterdir()))
     pixels = {}
-    for device, path in outputs.items():
+    for name, path in outputs.items():
         for row in _read(path, "class_stats", ["image_id", "class_id", "pixel_count"]):
-            pixels[device, row["image_id"], row["class_id"]] = row["pixel_count"]
+            pixels[name, row["image_id"], row["class_id"]] = row["pixel_count"]
     keys = {key[1:] for key in pixels}
     total = sum(pixels.get(("cpu", *key), 0) for key in keys)
-    differing = sum(abs(pixels.get(("cpu", *key), 0) - pixels.get(("cuda", *key), 0)) for key in keys)
-    assert differing <= 0.01 * total  # the same masks, up to decoder rounding at region borders
+    for name in ("cuda", "cuda threads"):
+        differing = sum(abs(pixels.get(("cpu", *key), 0) - pixels.get((name, *key), 0)) for key in keys)
+        assert differing <= 0.01 * total, name  # the same masks, up to decoder rounding at region borders
 
 
 @pytest.mark.usefixtures("ray_with_gpu")

@@ -57,6 +57,18 @@ def test_models_of_one_spec_run_together_and_equal_separate_runs(spec: Path, tmp
             assert _rows(tmp_path / "together", table, config.model) == _rows(tmp_path / "alone", table, config.model), (config.model, table)
 
 
+def test_an_actor_working_on_shards_in_threads_writes_what_it_writes_one_shard_at_a_time(spec: Path, tmp_path: Path, capsys) -> None:
+    configs = [config.model_copy(update={"files_per_shard": 1}) for config in load_run_configs(str(spec), {})]
+    one_at_a_time = run_all(configs)
+    threaded = run_all([config.model_copy(update={"output": str(tmp_path / "threads"), "threads_per_actor": 3}) for config in configs])
+    assert "on 1 cpu actor(s) of 3 threads" in capsys.readouterr().out
+    for config, alone, manifest in zip(configs, one_at_a_time, threaded):
+        assert manifest["counts"] == alone["counts"] and manifest["counts"]["images"] == 6
+        assert manifest["timings"]["actors_ready_seconds"] > 0 and manifest["timings"]["stage_seconds"]["model"] > 0
+        for table in ("images", "masks", "class_stats"):
+            assert _rows(tmp_path / "threads", table, config.model) == _rows(tmp_path / "together", table, config.model), (config.model, table)
+
+
 def test_a_spec_rerun_resumes_each_model_where_it_stopped(spec: Path, tmp_path: Path, capsys) -> None:
     first = run_all(load_run_configs(str(spec), {}))
     Path(first[2]["manifest_uri"].removeprefix("file://")).unlink()  # the third model never committed
