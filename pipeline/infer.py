@@ -346,10 +346,15 @@ def compile_network(model: nn.Module, task: str, mode: str) -> nn.Module:
     """``model`` with its network compiled by ``torch.compile`` in ``mode``: the whole model for
     semantic models; the backbone for the R-CNN family, whose proposal and NMS stages change
     shape with every image. Shapes are made dynamic once a second one is seen, so that partial
-    batches and other input sizes do not each cost a compilation."""
+    batches and other input sizes do not each cost a compilation. Inductor freezes the weights
+    as constants (segpipe only infers), so that each batch norm folds into the convolution
+    before it instead of costing a pass over its activations (see benchmarks/BENCHMARKS.md)."""
+    from torch._inductor import list_mode_options  # the compiler loads only where it is asked for
+
+    options = {**list_mode_options(mode), "freezing": True}
     if task == "semantic":
-        return torch.compile(model, mode=mode)
-    model.backbone = torch.compile(model.backbone, mode=mode)
+        return torch.compile(model, options=options)
+    model.backbone = torch.compile(model.backbone, options=options)
     return model
 
 
