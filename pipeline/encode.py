@@ -68,8 +68,8 @@ def map_runs(maps: torch.Tensor) -> list[Runs]:
     starts_run = torch.ones_like(flat, dtype=torch.bool)
     starts_run[:, 1:] = flat[:, 1:] != flat[:, :-1]
     map_index, starts = starts_run.nonzero(as_tuple=True)
-    values = flat[map_index, starts]
-    map_index, starts, values = map_index.cpu().numpy(), starts.cpu().numpy(), values.cpu().numpy().astype(np.int64)
+    # one copy to the host, not three: on a GPU each copy waits for the device
+    map_index, starts, values = torch.stack([map_index, starts, flat[map_index, starts].long()]).cpu().numpy()
     bounds = np.searchsorted(map_index, np.arange(count + 1))
     return [Runs(starts[first:last], values[first:last], height, width) for first, last in zip(bounds[:-1], bounds[1:])]
 
