@@ -68,10 +68,22 @@ def map_runs(maps: torch.Tensor) -> list[Runs]:
     starts_run = torch.ones_like(flat, dtype=torch.bool)
     starts_run[:, 1:] = flat[:, 1:] != flat[:, :-1]
     map_index, starts = starts_run.nonzero(as_tuple=True)
-    # one copy to the host, not three: on a GPU each copy waits for the device
-    map_index, starts, values = torch.stack([map_index, starts, flat[map_index, starts].long()]).cpu().numpy()
+    map_index, starts, values = to_host(map_index, starts, flat[map_index, starts])
+    values = values.astype(np.int64)
     bounds = np.searchsorted(map_index, np.arange(count + 1))
     return [Runs(starts[first:last], values[first:last], height, width) for first, last in zip(bounds[:-1], bounds[1:])]
+
+
+def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """The tensors' values on the host, copied together: from a GPU, one wait for the device
+    rather than one per tensor (each wait may also wait for other processes' time on the GPU)."""
+    import torch
+
+    copies = [tensor.to("cpu", non_blocking=True) for tensor in tensors]
+    devices = [tensor.device for tensor in tensors if tensor.is_cuda]
+    if devices:
+        torch.cuda.current_stream(devices[0]).synchronize()
+    return [copy.numpy() for copy in copies]
 
 
 def rle_string(counts: np.ndarray) -> str:
@@ -210,11 +222,11 @@ def summarize_detections(
     # Masks covering a pixel, per class: a class's union is where its count is not zero.
     coverage = covered.new_zeros((len(classes), height * width), dtype=torch.float32)
     coverage.index_add_(0, class_of_mask, covered.reshape(len(labels), height * width).float())
-    union_pixels = (coverage > 0).sum(1)
+    boxes, labels, scores, classes, union_pixels = to_host(boxes, labels, scores, classes, (coverage > 0).sum(1))
     return Detections(
-        boxes=boxes.cpu().numpy(),
-        labels=labels.cpu().numpy(),
-        scores=scores.cpu().numpy(),
+        boxes=boxes,
+        labels=labels,
+        scores=scores,
         masks=None if masks is None else map_runs(masks),
         class_pixels=dict(zip(classes.tolist(), union_pixels.tolist())),
         shape=(height, width),
