@@ -118,6 +118,8 @@ class SegmentShards:
         else:
             torch.backends.cudnn.benchmark = True  # a kernel search per batch shape, repaid where shapes recur
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the weights are on the device before any calling thread's stream reads them
         self.max_pixels = configs[0].max_pixels
         self.window = 4 * max(config.batch_size for config in configs)
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS * configs[0].threads_per_actor, thread_name_prefix="decode")
@@ -170,7 +172,7 @@ class SegmentShards:
 
     def _own_stream(self) -> AbstractContextManager:
         """On a GPU, the calling thread's CUDA stream as the current one: a thread waiting for its
-        results (``.cpu()``) waits for its own kernels only."""
+        results waits for its own kernels only."""
         if self.device.type != "cuda":
             return nullcontext()
         if not hasattr(self.calling_thread, "stream"):
