@@ -80,9 +80,9 @@ def to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
     import torch
 
     copies = [tensor.to("cpu", non_blocking=True) for tensor in tensors]
-    devices = [tensor.device for tensor in tensors if tensor.is_cuda]
-    if devices:
-        torch.cuda.current_stream(devices[0]).synchronize()
+    device = next((tensor.device for tensor in tensors if tensor.is_cuda), None)
+    if device is not None:
+        torch.cuda.current_stream(device).synchronize()
     return [copy.numpy() for copy in copies]
 
 

@@ -438,7 +438,7 @@ def kept_detections(
         outputs = detect(model, [tv_functional.convert_image_dtype(image, torch.float32) for image in images])
     kept = []
     for image, output in zip(images, outputs):
-        keep = (output["scores"] >= score_threshold).nonzero().squeeze(1)  # the one wait for the device per image
+        keep = (output["scores"] >= score_threshold).nonzero().squeeze(1)  # one wait for the device; indices select the rest
         boxes = output["boxes"][keep].float()
         masks = output.get("masks")
         if masks is not None:
