@@ -18,6 +18,7 @@ host time goes to feeding the GPU, and the string building to the CPUs the actor
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,6 +32,9 @@ from pipeline.schema import CLASS_STATS_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, ne
 # about 480 MiB and takes a second or two longer to start.
 if TYPE_CHECKING:
     import torch
+
+# torch calls the API beta once per process; the union areas rely only on its documented "amax".
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta", category=UserWarning)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ def map_runs(maps: torch.Tensor) -> list[Runs]:
     count, height, width = maps.shape
     flat = maps.transpose(1, 2).reshape(count, height * width)
     starts_run = torch.ones_like(flat, dtype=torch.bool)
-    starts_run[:, 1:] = flat[:, 1:] != flat[:, :-1]
+    torch.ne(flat[:, 1:], flat[:, :-1], out=starts_run[:, 1:])
     map_index, starts = starts_run.nonzero(as_tuple=True)
     map_index, starts, values = to_host(map_index, starts, flat[map_index, starts])
     values = values.astype(np.int64)
@@ -219,10 +223,10 @@ def summarize_detections(
 
     covered = masks if masks is not None else _box_masks(boxes, height, width)
     classes, class_of_mask = labels.unique(return_inverse=True)
-    # Masks covering a pixel, per class: a class's union is where its count is not zero.
-    coverage = covered.new_zeros((len(classes), height * width), dtype=torch.float32)
-    coverage.index_add_(0, class_of_mask, covered.reshape(len(labels), height * width).float())
-    boxes, labels, scores, classes, union_pixels = to_host(boxes, labels, scores, classes, (coverage > 0).sum(1))
+    # A class's union is the maximum of its masks, taken over bytes that view the booleans in place.
+    union = covered.new_zeros((len(classes), height * width), dtype=torch.uint8)
+    union.index_reduce_(0, class_of_mask, covered.reshape(len(labels), height * width).view(torch.uint8), "amax")
+    boxes, labels, scores, classes, union_pixels = to_host(boxes, labels, scores, classes, union.sum(1, dtype=torch.int64))
     return Detections(
         boxes=boxes,
         labels=labels,

@@ -131,6 +131,15 @@ def test_instance_rows_count_union_pixels_and_scores() -> None:
     assert by_class[4]["pixel_fraction"] == pytest.approx(0.01)
 
 
+def test_union_areas_of_many_overlapping_masks_equal_numpys() -> None:
+    rng = np.random.default_rng(5)
+    masks = rng.random((40, 30, 20)) > 0.8
+    labels = rng.choice([1, 3, 5], size=40)
+    boxes, scores = torch.zeros((40, 4)), torch.ones(40)
+    detections = summarize_detections(boxes, torch.from_numpy(labels), scores, torch.from_numpy(masks), height=30, width=20)
+    assert detections.class_pixels == {label: int(masks[labels == label].any(0).sum()) for label in (1, 3, 5)}
+
+
 def test_detection_rows_are_boxes_without_masks() -> None:
     boxes = np.array([[0, 0, 4, 5], [2, 2, 6, 6], [1.5, 0.5, 3.5, 2.5]], dtype=np.float32)
     labels, scores = torch.tensor([2, 2, 3]), torch.tensor([0.9, 0.8, 0.7])
