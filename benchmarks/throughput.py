@@ -97,7 +97,8 @@ def model_only(
         threshold = RunConfig.model_fields["score_threshold"].default
 
         def step() -> None:
-            kept_detections(model, images, threshold, bf16=bf16)
+            for _ in kept_detections(model, images, threshold, bf16=bf16):
+                pass  # each image's masks pasted, then dropped, as the pipeline takes them
 
     steps = min(_MAX_TIMED_STEPS, math.ceil(count / batch_size))
     torch.backends.cudnn.benchmark = device == "cuda"  # as the pipeline's actors run

@@ -430,13 +430,14 @@ def predict_detections(
 
 def kept_detections(
     model: nn.Module, images: Sequence[torch.Tensor], score_threshold: float, *, bf16: bool = False
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per image, the boxes, labels and scores of the detections scoring at least
     ``score_threshold`` and, for instance models, their boolean ``(K, H, W)`` masks, pasted in
-    one batch: the model's part of :func:`predict_detections`, on the images' device."""
+    one batch: the model's part of :func:`predict_detections`, on the images' device. The network
+    runs on the whole batch at once; each image's masks are pasted as it is asked for, so that
+    a caller done with one image before taking the next holds one image's masks at a time."""
     with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = detect(model, [tv_functional.convert_image_dtype(image, torch.float32) for image in images])
-    kept = []
     for image, output in zip(images, outputs):
         keep = (output["scores"] >= score_threshold).nonzero().squeeze(1)  # one wait for the device; indices select the rest
         boxes = output["boxes"][keep].float()
@@ -444,8 +445,7 @@ def kept_detections(
         if masks is not None:
             height, width = image.shape[-2:]
             masks = paste_masks(masks[keep, 0], boxes, height=height, width=width, threshold=_MASK_PROBABILITY_THRESHOLD)
-        kept.append((boxes, output["labels"][keep], output["scores"][keep].float(), masks))
-    return kept
+        yield boxes, output["labels"][keep], output["scores"][keep].float(), masks
 
 
 def _decode_on_host(data: bytes, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
