@@ -432,10 +432,11 @@ def kept_detections(
     model: nn.Module, images: Sequence[torch.Tensor], score_threshold: float, *, bf16: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """Per image, the boxes, labels and scores of the detections scoring at least
-    ``score_threshold`` and, for instance models, their boolean ``(K, H, W)`` masks, pasted in
-    one batch: the model's part of :func:`predict_detections`, on the images' device. The network
-    runs on the whole batch at once; each image's masks are pasted as it is asked for, so that
-    a caller done with one image before taking the next holds one image's masks at a time."""
+    ``score_threshold`` and, for instance models, their boolean ``(K, H, W)`` masks, all of an
+    image's pasted in one batched product: the model's part of :func:`predict_detections`, on the
+    images' device. The network runs on the whole batch at once; each image's masks are pasted
+    as it is asked for, so that a caller done with one image before taking the next holds one
+    image's masks at a time."""
     with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
         outputs = detect(model, [tv_functional.convert_image_dtype(image, torch.float32) for image in images])
     for image, output in zip(images, outputs):
