@@ -27,12 +27,14 @@ Preprocessing, as ARCHITECTURE.md fixes it:
 
 ``predict_class_maps`` and ``predict_detections`` are what ``segpipe eval`` measures too.
 
-A batch that runs out of device memory is split in halves and retried, down to single images;
-an image that does not fit alone becomes an ``out_of_memory`` row. The actor then keeps the
-pixels per batch that fit as the model's budget, and later batches are cut to it: the batch
-size follows the images' size and the device's memory, rather than running out again. A batch
-that fails otherwise is retried image by image, and an image that still fails becomes an
-``inference_error`` row, so one bad image never costs its neighbours.
+An actor on a fraction of a GPU (``--actors`` above the GPUs) caps its CUDA memory at that
+fraction, so that the actors sharing a GPU cannot starve each other: one that reaches its share
+runs out of memory alone. A batch that runs out of device memory is split in halves and retried,
+down to single images; an image that does not fit alone becomes an ``out_of_memory`` row. The
+actor then keeps the pixels per batch that fit as the model's budget, and later batches are cut
+to it: the batch size follows the images' size and the device's memory, rather than running out
+again. A batch that fails otherwise is retried image by image, and an image that still fails
+becomes an ``inference_error`` row, so one bad image never costs its neighbours.
 """
 
 from __future__ import annotations
@@ -117,6 +119,10 @@ class SegmentShards:
             torch.set_num_threads(max(1, round(cpus)))
         else:
             torch.backends.cudnn.benchmark = True  # a kernel search per batch shape, repaid where shapes recur
+            gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
+            if gpu_share < 1:
+                # Ray leaves actors on a fraction of a GPU to keep to that fraction of its memory.
+                torch.cuda.set_per_process_memory_fraction(gpu_share, self.device)
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights are on the device before any calling thread's stream reads them

@@ -1,6 +1,7 @@
 """The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, the device's
-run finding, union areas and batched mask paste equal the host's and torchvision's, and ``segpipe run`` on a GPU, with one
-thread per actor or several, accounts for every image with the CPU run's outcome and, with trained weights, its masks.
+run finding, union areas and batched mask paste equal the host's and torchvision's, an actor on
+half a GPU keeps to half its memory, and ``segpipe run`` on a GPU, with one thread per actor or
+several, accounts for every image with the CPU run's outcome and, with trained weights, its masks.
 
 Skipped where there is no GPU (CI has none); run on a GPU machine with ``pytest tests/test_gpu.py``.
 """
@@ -8,6 +9,8 @@ Skipped where there is no GPU (CI has none); run on a GPU machine with ``pytest 
 from __future__ import annotations
 
 import datetime as dt
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +27,10 @@ from models import get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.decode import decode_image, device_decodable_jpeg
 from pipeline.encode import map_runs, summarize_detections
-from pipeline.infer import predict_detections
+from pipeline.infer import SegmentShards, predict_detections
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
 
 
 def test_nvjpeg_decodes_what_pillow_decodes() -> None:
@@ -117,6 +121,28 @@ def test_a_gpu_run_matches_the_cpu_run(tmp_path: Path) -> None:
     for name in ("cuda", "cuda threads"):
         differing = sum(abs(pixels.get(("cpu", *key), 0) - pixels.get((name, *key), 0)) for key in keys)
         assert differing <= 0.01 * total, name  # the same masks, up to decoder rounding at region borders
+
+
+class _AllocatingActor(SegmentShards):
+    """The model actor, asked to allocate a fraction of its GPU's memory besides its models."""
+
+    def allocates(self, fraction: float) -> bool:
+        try:
+            torch.empty(int(fraction * torch.cuda.get_device_properties(self.device).total_memory), dtype=torch.uint8, device=self.device)
+        except torch.OutOfMemoryError:
+            return False
+        return True
+
+
+@pytest.mark.usefixtures("ray_with_gpu")
+def test_an_actor_on_half_a_gpu_keeps_to_half_its_memory() -> None:
+    config = RunConfig(input="unused", output="unused", model="unet", weights="shapes", run_date=dt.date(2026, 11, 27))
+    weights = ray.put(resolve_weights("shapes", get_model_spec("unet")))
+    actor = ray.remote(num_gpus=0.5)(_AllocatingActor).remote(
+        configs=[config], run_ids=["test"], device="cuda", weights=[weights], pipeline_started_at=time.time()
+    )
+    assert ray.get(actor.allocates.remote(0.4))
+    assert not ray.get(actor.allocates.remote(0.6))  # the other half is its neighbour's
 
 
 @pytest.mark.usefixtures("ray_with_gpu")
