@@ -3,9 +3,9 @@
 torchvision's forward pastes every detected mask into a full-image canvas one at a time, with
 several host round trips per mask, and before any score threshold: at 100 detections per image
 that loop, not the network, is what keeps a GPU waiting. Here the network runs as torchvision
-runs it (its transform, backbone, region proposals, RoI heads and NMS), boxes are mapped back
-to original pixels as torchvision maps them, and the masks that the caller keeps are pasted all
-at once.
+runs it (its transform, backbone, region proposals, RoI heads and NMS, step by step so that each
+runs in the precision it needs), boxes are mapped back to original pixels as torchvision maps
+them, and the masks that the caller keeps are pasted all at once.
 
 Contract:
 - :func:`input_size`: the padded size an image becomes inside the model; images of one such
@@ -13,7 +13,10 @@ Contract:
   largest image).
 - :func:`detect`: a list of float ``(3, H, W)`` RGB tensors in [0, 1] in; per image a dict with
   ``boxes`` (K, 4) x1, y1, x2, y2 in original pixels, ``labels`` (K,), ``scores`` (K,) and, for
-  instance models, ``masks`` (K, 1, M, M): the mask head's probabilities over each box.
+  instance models, ``masks`` (K, 1, M, M): the mask head's probabilities over each box, all
+  float32. With ``bf16``, the network's layers run under bf16 autocast, but anchors, box
+  decoding, NMS and the boxes stay float32: bf16 keeps 8 bits of a coordinate, so a box edge
+  near pixel 1000 would land on a 4-pixel grid and masks would be pasted off their objects.
 - :func:`paste_masks`: those probabilities and boxes -> boolean ``(K, H, W)`` masks at original
   size, equal to torchvision's ``paste_masks_in_image`` thresholded (up to float rounding of
   the bilinear weights).
@@ -21,27 +24,51 @@ Contract:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as nn_functional
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.models.detection.transform import resize_boxes
 
 _PASTED_ELEMENTS_PER_STEP = 2**26
 """Mask pixels interpolated at once: 256 MiB of float32, whatever the image size."""
 
 
-def detect(model: GeneralizedRCNN, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """``model``'s inference on ``images``, with masks left as probabilities over their boxes."""
+def detect(model: GeneralizedRCNN, images: list[torch.Tensor], *, bf16: bool = False) -> list[dict[str, torch.Tensor]]:
+    """``model``'s inference on ``images``, with masks left as probabilities over their boxes; with
+    ``bf16``, its layers in bf16 and its box arithmetic in float32."""
     original_sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
     batch, _ = model.transform(images)
-    features = model.backbone(batch.tensors)
+    autocast = functools.partial(torch.autocast, batch.tensors.device.type, dtype=torch.bfloat16, enabled=bf16)
+    with autocast():
+        features = model.backbone(batch.tensors)
     if isinstance(features, torch.Tensor):
         features = OrderedDict([("0", features)])
-    proposals, _ = model.rpn(batch, features)
-    detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    # Float features give float anchors; RoI pooling computes in float32 in any case.
+    features = OrderedDict((name, feature.float()) for name, feature in features.items())
+    rpn, heads = model.rpn, model.roi_heads
+    levels = list(features.values())
+    with autocast():
+        objectness, deltas = rpn.head(levels)
+    anchors = rpn.anchor_generator(batch, levels)
+    anchors_per_level = [level[0].numel() for level in objectness]
+    objectness, deltas = concat_box_prediction_layers([level.float() for level in objectness], [level.float() for level in deltas])
+    proposals = rpn.box_coder.decode(deltas, anchors).view(len(anchors), -1, 4)
+    proposals, _ = rpn.filter_proposals(proposals, objectness, batch.image_sizes, anchors_per_level)
+    with autocast():
+        class_logits, box_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes)))
+    boxes, scores, labels = heads.postprocess_detections(class_logits.float(), box_deltas.float(), proposals, batch.image_sizes)
+    detections = [{"boxes": kept, "labels": label, "scores": score} for kept, label, score in zip(boxes, labels, scores)]
+    if heads.has_mask():
+        with autocast():
+            mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, boxes, batch.image_sizes)))
+        for detection, probabilities in zip(detections, maskrcnn_inference(mask_logits.float(), labels)):
+            detection["masks"] = probabilities
     for detection, resized, original in zip(detections, batch.image_sizes, original_sizes):
         detection["boxes"] = resize_boxes(detection["boxes"], resized, original)
     return detections

@@ -443,16 +443,15 @@ def kept_detections(
     images' device. The network runs on the whole batch at once; each image's masks are pasted
     as it is asked for, so that a caller done with one image before taking the next holds one
     image's masks at a time."""
-    with torch.autocast(images[0].device.type, dtype=torch.bfloat16, enabled=bf16):
-        outputs = detect(model, [tv_functional.convert_image_dtype(image, torch.float32) for image in images])
+    outputs = detect(model, [tv_functional.convert_image_dtype(image, torch.float32) for image in images], bf16=bf16)
     for image, output in zip(images, outputs):
         keep = (output["scores"] >= score_threshold).nonzero().squeeze(1)  # one wait for the device; indices select the rest
-        boxes = output["boxes"][keep].float()
+        boxes = output["boxes"][keep]
         masks = output.get("masks")
         if masks is not None:
             height, width = image.shape[-2:]
             masks = paste_masks(masks[keep, 0], boxes, height=height, width=width, threshold=_MASK_PROBABILITY_THRESHOLD)
-        yield boxes, output["labels"][keep], output["scores"][keep].float(), masks
+        yield boxes, output["labels"][keep], output["scores"][keep], masks
 
 
 def _decode_on_host(data: bytes, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
