@@ -141,8 +141,11 @@ def test_an_actor_on_half_a_gpu_keeps_to_half_its_memory() -> None:
     actor = ray.remote(num_gpus=0.5)(_AllocatingActor).remote(
         configs=[config], run_ids=["test"], device="cuda", weights=[weights], pipeline_started_at=time.time()
     )
-    assert ray.get(actor.allocates.remote(0.4))
-    assert not ray.get(actor.allocates.remote(0.6))  # the other half is its neighbour's
+    try:
+        assert ray.get(actor.allocates.remote(0.4))
+        assert not ray.get(actor.allocates.remote(0.6))  # the other half is its neighbour's
+    finally:
+        ray.kill(actor)  # its half of the GPU is free for the next test's actors
 
 
 @pytest.mark.usefixtures("ray_with_gpu")
