@@ -37,6 +37,8 @@ from torchvision.models.detection.transform import resize_boxes
 
 _PASTED_ELEMENTS_PER_STEP = 2**26
 """Mask pixels interpolated at once: 256 MiB of float32, whatever the image size."""
+_MASK_ROIS_MULTIPLE = 64
+"""On GPUs, the mask head's batch of RoIs is padded up to a multiple of this many."""
 
 
 def detect(model: GeneralizedRCNN, images: list[torch.Tensor], *, bf16: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -65,13 +67,25 @@ def detect(model: GeneralizedRCNN, images: list[torch.Tensor], *, bf16: bool = F
     boxes, scores, labels = heads.postprocess_detections(class_logits.float(), box_deltas.float(), proposals, batch.image_sizes)
     detections = [{"boxes": kept, "labels": label, "scores": score} for kept, label, score in zip(boxes, labels, scores)]
     if heads.has_mask():
+        rois = heads.mask_roi_pool(features, boxes, batch.image_sizes)
         with autocast():
-            mask_logits = heads.mask_predictor(heads.mask_head(heads.mask_roi_pool(features, boxes, batch.image_sizes)))
+            mask_logits = heads.mask_predictor(heads.mask_head(_padded_on_gpus(rois)))[: len(rois)]
         for detection, probabilities in zip(detections, maskrcnn_inference(mask_logits.float(), labels)):
             detection["masks"] = probabilities
     for detection, resized, original in zip(detections, batch.image_sizes, original_sizes):
         detection["boxes"] = resize_boxes(detection["boxes"], resized, original)
     return detections
+
+
+def _padded_on_gpus(rois: torch.Tensor) -> torch.Tensor:
+    """On a GPU, ``rois`` followed by zero RoIs up to a multiple of ``_MASK_ROIS_MULTIPLE``. The mask
+    head's batch is the batch's detection count, which changes from batch to batch, and cuDNN's
+    autotuning (on in the model actors) searches kernels afresh for every new input shape: padded,
+    the head meets a dozen batch sizes instead of up to 800. Each RoI is convolved on its own,
+    so the padding changes no result beyond the rounding of the kernels chosen."""
+    if not rois.is_cuda:
+        return rois
+    return nn_functional.pad(rois, (0, 0, 0, 0, 0, 0, 0, -len(rois) % _MASK_ROIS_MULTIPLE))
 
 
 def input_size(model: GeneralizedRCNN, height: int, width: int) -> tuple[int, int]:
