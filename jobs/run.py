@@ -256,18 +256,33 @@ def ensure_ray() -> float:
 
 
 def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
+    """The model actors' device, how many there are, and the Ray resources each asks for."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     if config.device == "cuda" and gpus == 0:
         raise InputError("--device cuda, but the Ray cluster has no GPUs")
     if config.device == "cuda" or (config.device == "auto" and gpus > 0):
         actors = config.actors or gpus * math.ceil(_SHARDS_PER_GPU / config.threads_per_actor)
-        return "cuda", actors, {"num_gpus": min(1.0, gpus / actors)}
+        return "cuda", actors, {"num_gpus": min(1.0, gpus / actors), "num_cpus": _gpu_actor_cpus(config, actors / gpus)}
     actors = config.actors or 1
     cpus = resources.get("CPU", 1.0)
     # Leave room for the I/O-bound read and write tasks; the actors share the rest for torch threads.
     reserved = 1.0 if cpus >= 2 else _IO_TASK_CPUS
     return "cpu", actors, {"num_cpus": max(_IO_TASK_CPUS, (cpus - reserved) / actors)}
+
+
+def _gpu_actor_cpus(config: RunConfig, actors_per_gpu: float) -> float:
+    """CPUs for each GPU actor: one per shard it works on at once, within half the CPUs per GPU of
+    the GPU node with the fewest, so that the read, encode and write tasks keep the other half.
+
+    The CPUs must be named: Ray places an actor that names none on a CPU of its own, which Ray
+    Data does not count, so four of them on a node of 4 CPUs and one GPU took every CPU, the read
+    tasks never ran, and the run waited forever."""
+    cpus_per_gpu = min(
+        node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU")
+    )
+    cpus = min(float(config.threads_per_actor), cpus_per_gpu / 2 / max(1.0, actors_per_gpu))
+    return math.floor(cpus * 10_000) / 10_000  # Ray's resource granularity
 
 
 def _execute(
