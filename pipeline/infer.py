@@ -114,12 +114,12 @@ class SegmentShards:
     ) -> None:
         started = time.perf_counter()
         self.device = torch.device(device)
+        assigned = ray.get_runtime_context().get_assigned_resources()
         if self.device.type == "cpu":
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, round(cpus)))
+            torch.set_num_threads(max(1, round(assigned.get("CPU", 1))))
         else:
             torch.backends.cudnn.benchmark = True  # a kernel search per batch shape, repaid where shapes recur
-            gpu_share = ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0)
+            gpu_share = assigned.get("GPU", 1.0)
             if gpu_share < 1:
                 # Ray leaves actors on a fraction of a GPU to keep to that fraction of its memory.
                 torch.cuda.set_per_process_memory_fraction(gpu_share, self.device)
