@@ -17,6 +17,7 @@ set -u
 # killed, so run the script on a machine of its own.
 stop_ray() { pkill -9 -f 'raylet|gcs_server|ray::|default_worker.py|dashboard' >/dev/null 2>&1; sleep 1; }
 out=${OUT:-bench-out}
+corpora=$(mktemp -d); trap 'rm -rf "$corpora"' EXIT
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
@@ -29,6 +30,8 @@ if [ "${TEST_SECONDS:-120}" -gt 0 ]; then
 fi
 bench() {  # bench NAME SECONDS MODEL COUNT BATCH FILES_PER_SHARD [more throughput flags]
   local name=$1 seconds=$2 model=$3 count=$4 batch=$5 shard=$6 work; shift 6; work=$(mktemp -d)
+  # benchmarks of one image count read the same JPEGs, made by the first of them
+  mkdir -p "$corpora/$count"; ln -s "$corpora/$count" "$work/images"
   timeout "$seconds" python3 -m benchmarks.throughput --model "$model" --count "$count" --batch-size "$batch" \
     --files-per-shard "$shard" --size 1024x768 --device "${DEVICE:-cuda}" --workdir "$work" --json ${EXTRA:-} "$@" >"$out/$name.json" 2>"$out/$name.log"
   echo "$name exit $?"; grep -E "^benchmark |Error|error:" "$out/$name.log" | tail -n 8
