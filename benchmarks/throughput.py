@@ -257,7 +257,7 @@ def _synchronize(device: str) -> None:
 
 def measure(
     model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int,
-    settings: dict, skip_baseline: bool, workdir: Path,
+    settings: dict, skip_baseline: bool, skip_variants: bool, workdir: Path,
 ) -> dict:  # fmt: skip
     """Every figure of one benchmark run, as the ``--json`` object. Each phase's figures also go
     to stderr as it ends, so that a run stopped by a time limit keeps those it finished."""
@@ -268,7 +268,8 @@ def measure(
     shape = {"count": count, "width": width, "height": height, "device": device, "batch_size": batch_size}
     spec = get_model_spec(model_name)
     bf16, channels_last = own = execution(spec, "auto", torch.device(device))
-    compared = [flags for flags in _VARIANTS.values() if device == "cuda" and (spec.task == "semantic" or not flags[1])]
+    compared = [flags for flags in _VARIANTS.values()
+                if device == "cuda" and not skip_variants and (spec.task == "semantic" or not flags[1])]
     # (bf16, channels_last) -> figures: the pipeline's own setting is timed once, also where it is a variant
     timings = {flags: model_only(model_name, weights, **shape, bf16=flags[0], channels_last=flags[1])
                for flags in dict.fromkeys([own, *compared])}  # fmt: skip
@@ -339,6 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--actors", type=int, help="model actors of the end-to-end run (default: segpipe's)")
     parser.add_argument("--threads-per-actor", type=int, default=1, help="shards each actor works on at once (default 1)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave the plain Ray Data script out (baseline_ips null)")
+    parser.add_argument("--skip-variants", action="store_true",
+                        help="time the model alone only at the pipeline's own precision, not in every variant "
+                             "(the comparison takes about a minute for DeepLabV3 on an H100)")
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                         help="time the model compiled in this mode too, and run segpipe with --compile MODE "
                              "(compilation is not timed in model-only)")
@@ -352,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     # With --json, stdout holds the one object: segpipe's progress lines go to stderr with the phases' figures.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
-                         device=args.device, batch_size=args.batch_size, skip_baseline=args.skip_baseline, workdir=workdir,
+                         device=args.device, batch_size=args.batch_size, skip_baseline=args.skip_baseline,
+                         skip_variants=args.skip_variants, workdir=workdir,
                          settings={"files_per_shard": args.files_per_shard, "compile": args.compile, "actors": args.actors,
                                    "threads_per_actor": args.threads_per_actor})  # fmt: skip
     if args.json:

@@ -122,7 +122,7 @@ class SegmentShards:
             gpu_share = assigned.get("GPU", 1.0)
             if gpu_share < 1:
                 # Ray leaves actors on a fraction of a GPU to keep to that fraction of its memory.
-                torch.cuda.set_per_process_memory_fraction(gpu_share, self.device)
+                torch.cuda.set_per_process_memory_fraction(gpu_share)  # on the one GPU Ray made visible
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights are on the device before any calling thread's stream reads them

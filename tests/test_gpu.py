@@ -70,7 +70,7 @@ def test_batched_mask_paste_on_the_gpu_equals_torchvisions_forward() -> None:
         assert len(ours.labels) > 0 and np.array_equal(ours.labels, theirs["labels"].cpu().numpy())
         theirs_runs = map_runs((theirs["masks"][:, 0] > 0.5).cpu())
         differing = sum(not np.array_equal(a.starts, b.starts) for a, b in zip(ours.masks, theirs_runs))
-        assert differing <= 0.02 * len(theirs_runs)  # float rounding at the 0.5 threshold, on a mask or two at most
+        assert differing <= max(2, 0.02 * len(theirs_runs))  # float rounding at the 0.5 threshold, on a mask or two at most
 
 
 @pytest.fixture(scope="module")
