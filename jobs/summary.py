@@ -53,13 +53,20 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+_ACTOR_STEPS = (("process started after", "actor_process_started_seconds"), ("torch imported after", "actor_imported_seconds"))
+"""How an actor's wait before its constructor splits: (label, the manifest's timings key)."""
+
+
 def stage_line(timings: dict) -> str:
     """Where the time went, so that a slow run says what to look at."""
     stages = timings["stage_seconds"]
     total = sum(stages.values()) or 1.0
     shares = ", ".join(f"{stage} {seconds / total:.0%}" for stage, seconds in sorted(stages.items(), key=lambda item: -item[1]))
+    # absent from older manifests; the process start also on hosts without /proc
+    steps = [(label, timings.get(key)) for label, key in _ACTOR_STEPS] + [("constructor", timings["actor_startup_seconds"])]
+    actor_steps = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in steps if seconds is not None)
     return (
-        f"first shard written after {timings['first_shard_seconds']:.1f} s (actors ready after {timings['actors_ready_seconds']:.1f} s, "
-        f"constructor {timings['actor_startup_seconds']:.1f} s); "
+        f"first shard written after {timings['first_shard_seconds']:.1f} s (actors ready after {timings['actors_ready_seconds']:.1f} s: "
+        f"{actor_steps}); "
         f"time per stage: {shares}"
     )

@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import threading
 import time
 from collections import Counter, defaultdict
@@ -49,6 +50,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import ray
@@ -65,6 +67,8 @@ from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
 from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, nest, rows_to_table, unnest
 
+_IMPORTED_AT = time.time()
+"""When this process had imported torch, torchvision and segpipe's models (an actor's ``imported`` figure)."""
 _DECODE_THREADS = 4
 _MASK_PROBABILITY_THRESHOLD = 0.5
 _UPSAMPLED_LOGITS_PER_STEP = 2**28
@@ -86,6 +90,18 @@ class LoadedModel:
     """Most decoded pixels per batch known to fit on the device, once a batch has run out of memory."""
 
 
+def _process_started_at() -> float | None:
+    """When this process started, as a ``time.time()``, from Linux's ``/proc`` (to a clock tick);
+    ``None`` where there is no ``/proc``."""
+    try:
+        since_boot = float(Path("/proc/uptime").read_text().split()[0])
+        # /proc/self/stat: after the command name in parentheses, field 22 (starttime, in clock ticks after boot) is the 20th
+        started_after_boot = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - (since_boot - started_after_boot)
+
+
 class SegmentShards:
     """Ray Data callable class for ``map_batches``: columns ``shard_id``, ``images`` -> one row
     per (shard, model) with ``shard_id``, ``run_id``, ``model``, ``stage_seconds``, ``images``
@@ -101,8 +117,11 @@ class SegmentShards:
     constructor took (weights from the object store, model build, move to the device), and
     ``ready``, the seconds from ``pipeline_started_at`` (the driver's ``time.time()`` as the
     pipeline started) until the constructor returned: the actor's scheduling, its worker
-    process starting and importing torch, then the constructor. They are host times: queued
-    device work counts in the stage that waits for it.
+    process starting and importing torch, then the constructor. Two more split that wait:
+    ``imported``, the seconds from then until the actor's process had imported this module
+    (torch, torchvision, the models), and, on Linux, ``process``, until the process started
+    (both below zero for a worker that Ray had started, or that had imported, before the
+    pipeline). They are host times: queued device work counts in the stage that waits for it.
 
     With ``threads_per_actor`` above 1, Ray calls the actor from that many threads at once: each
     works on its own shard, on a CUDA stream of its own, so that one thread's host work and its
@@ -131,8 +150,12 @@ class SegmentShards:
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS * configs[0].threads_per_actor, thread_name_prefix="decode")
         self.calling_thread = threading.local()
         """Per thread that Ray calls the actor from: ``seconds`` (per stage, of the shard in hand) and ``stream``."""
-        self.start_figures = {"startup": time.perf_counter() - started, "ready": time.time() - pipeline_started_at}
+        self.start_figures = {
+            "startup": time.perf_counter() - started, "ready": time.time() - pipeline_started_at, "imported": _IMPORTED_AT - pipeline_started_at
+        }
         """Until the first shard takes them."""
+        if (process_started_at := _process_started_at()) is not None:
+            self.start_figures["process"] = process_started_at - pipeline_started_at
         self.start_figures_lock = threading.Lock()
 
     def _load(self, config: RunConfig, run_id: str, weights: Weights) -> LoadedModel:
