@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 
 import ray
 import ray.data
+from ray.autoscaler.sdk import request_resources
 
 from models import ModelSpec, Weights, display_uri, get_model_spec, resolve_weights
 from pipeline.commit import processed_sources, read_manifest, write_manifest, write_sources
@@ -46,11 +47,15 @@ _IO_TASK_CPUS = 0.5
 _CHECK_THREADS = 16
 _SHARDS_PER_GPU = 4
 """Shards that the default pool works on at once on each GPU: four actors, or fewer with threads."""
+_GPU_POLL_SECONDS = 2.0
+_GPU_PROGRESS_SECONDS = 30.0
 _RUN_ID_FIELDS = (
     "input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels",
     "incremental", "precision", "pad_to_multiple", "compile",
 )  # fmt: skip
-_PIPELINE_FIELDS = {"output", "run_date", "image_column", "max_pixels", "device", "actors", "threads_per_actor"}
+_PIPELINE_FIELDS = {
+    "output", "run_date", "image_column", "max_pixels", "device", "gpus", "wait_for_gpus_seconds", "actors", "threads_per_actor"
+}  # fmt: skip
 """What runs over the same shards must share to go through one pipeline."""
 
 
@@ -139,6 +144,7 @@ def _run_together(plans: list[_Plan]) -> list[dict]:
     shards = plans[0].listing.shards
     todo = [shard for shard in shards if any(shard.shard_id not in plan.written for plan in plans)]
     ray_startup_seconds = ensure_ray() if todo else 0.0
+    waited_for_gpus_seconds = _bring_up_gpus(plans[0].config) if todo else 0.0
     started, started_at = time.monotonic(), time.time()
     first_shard: tuple[float, dict] | None = None
     rows: dict[str, dict[str, dict]] = {plan.run_id: dict(plan.written) for plan in plans}
@@ -158,6 +164,7 @@ def _run_together(plans: list[_Plan]) -> list[dict]:
     timings = {
         "seconds": round(time.monotonic() - started, 3),
         "ray_startup_seconds": round(ray_startup_seconds, 3),
+        "waited_for_gpus_seconds": round(waited_for_gpus_seconds, 3),
         "first_shard_seconds": first_shard and round(first_shard[0], 3),
         "first_shard_stage_seconds": first_shard and _summed_stages([json.loads(first_shard[1]["stage_seconds"])]),
     }
@@ -257,13 +264,55 @@ def ensure_ray() -> float:
     return time.monotonic() - started
 
 
+def _cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def _bring_up_gpus(config: RunConfig) -> float:
+    """Wait until the Ray cluster has ``config.gpus`` GPUs, asking its autoscaler for the missing
+    ones, for at most ``config.wait_for_gpus_seconds``; returns the seconds waited.
+
+    The request is a floor that the autoscaler keeps until it is replaced, so it is cleared when
+    the wait ends: from then on the run's actors keep the nodes busy, and once the run is over the
+    autoscaler can scale them down again."""
+    if config.gpus is None or (gpus := _cluster_gpus()) >= config.gpus:
+        return 0.0
+    started = time.monotonic()
+    deadline, next_report = started + config.wait_for_gpus_seconds, started + _GPU_PROGRESS_SECONDS
+    print(f"segpipe: the Ray cluster has {gpus} of {config.gpus} GPU(s); asked its autoscaler for them, "
+          f"waiting up to {config.wait_for_gpus_seconds} s", flush=True)  # fmt: skip
+    request_resources(bundles=[{"GPU": 1}] * config.gpus)
+    try:
+        while (gpus := _cluster_gpus()) < config.gpus and time.monotonic() < deadline:
+            if time.monotonic() >= next_report:
+                print(f"segpipe: {gpus} of {config.gpus} GPU(s) after {time.monotonic() - started:.0f} s", flush=True)
+                next_report += _GPU_PROGRESS_SECONDS
+            time.sleep(_GPU_POLL_SECONDS)
+    finally:
+        request_resources(bundles=[])
+    waited = time.monotonic() - started
+    if gpus == 0:
+        raise InputError(
+            f"asked the Ray cluster's autoscaler for {config.gpus} GPU(s), and none joined in {config.wait_for_gpus_seconds} s; "
+            "the autoscaler's log on the head says why (/tmp/ray/session_latest/logs/monitor.*, or on KubeRay the "
+            "autoscaler container's log)"
+        )
+    short = f" (of {config.gpus} asked for; running on those)" if gpus < config.gpus else ""
+    print(f"segpipe: {gpus} GPU(s) after {waited:.0f} s{short}", flush=True)
+    return waited
+
+
 def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
     """The model actors' device, how many there are, and the Ray resources each asks for."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    if config.device == "cuda" and gpus == 0:
-        raise InputError("--device cuda, but the Ray cluster has no GPUs")
-    if config.device == "cuda" or (config.device == "auto" and gpus > 0):
+    wants_gpus = config.device == "cuda" or config.gpus is not None
+    if wants_gpus and gpus == 0:
+        raise InputError(
+            "--device cuda, but the Ray cluster has no GPUs (where its GPU nodes scale from zero, --gpus N asks its "
+            "autoscaler for N and waits for them)"
+        )
+    if wants_gpus or (config.device == "auto" and gpus > 0):
         actors = config.actors or gpus * math.ceil(_SHARDS_PER_GPU / config.threads_per_actor)
         return "cuda", actors, {"num_gpus": min(1.0, gpus / actors), "num_cpus": _gpu_actor_cpus(config, actors / gpus)}
     actors = config.actors or 1

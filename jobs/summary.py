@@ -25,10 +25,12 @@ def format_summary(manifest: dict) -> str:
         f"FROM read_parquet('{output}/masks/**/*.parquet', hive_partitioning=true) "
         f"WHERE run_id = '{manifest['run_id']}' GROUP BY label ORDER BY masks DESC"
     )
+    waited_for_gpus = timings.get("waited_for_gpus_seconds")  # absent from older manifests
     lines = [
         "",
         f"segpipe run {manifest['run_id']} committed in {seconds:.1f} s "
-        f"(plus {timings['ray_startup_seconds']:.1f} s Ray start-up)",
+        f"(plus {timings['ray_startup_seconds']:.1f} s Ray start-up"
+        + (f", {waited_for_gpus:.1f} s waiting for GPUs)" if waited_for_gpus else ")"),
         f"  images      {counts['images']} in: {counts['ok']} ok, {failed}",
         f"  masks       {counts['masks']}" + (f": {shown}" if shown else ""),
         f"  throughput  {counts['images'] / seconds if seconds else 0.0:.2f} images/s",

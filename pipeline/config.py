@@ -69,6 +69,13 @@ class RunConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="'auto' uses GPUs when the Ray cluster has any, else CPUs"
     )
+    gpus: PositiveInt | None = Field(
+        None,
+        description="GPUs to wait for before the run starts: when the Ray cluster has fewer (GPU nodes that scale from "
+        "zero), ask its autoscaler for them and wait up to wait_for_gpus_seconds, then run on the GPUs that have joined "
+        "(an error if none has); implies device cuda",
+    )
+    wait_for_gpus_seconds: PositiveInt = Field(900, description="how long gpus waits for GPU nodes to join")
     actors: PositiveInt | None = Field(
         None,
         description="model actors in the pool (default: four per GPU divided by threads_per_actor, rounded up, sharing it "
@@ -93,6 +100,12 @@ class RunConfig(BaseModel):
         "model, weights and preprocessing (same URI, size and ETag/mtime)",
     )
     force: bool = Field(False, description="redo a run that is already committed, every shard of it")
+
+    @model_validator(mode="after")
+    def _gpus_need_a_gpu_device(self) -> RunConfig:
+        if self.gpus is not None and self.device == "cpu":
+            raise ValueError("gpus asks the cluster for GPUs, but device is cpu (use cuda or auto)")
+        return self
 
     @model_validator(mode="before")
     @classmethod

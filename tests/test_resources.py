@@ -1,6 +1,8 @@
-"""The model actors' Ray resources leave the read, encode and write tasks room on a small GPU
-node: four actors sharing the GPU of a node of 4 CPUs used to take every CPU between them (an
-actor that names no CPUs gets one anyway), and the run waited forever for its first read."""
+"""The model actors' Ray resources on GPU clusters, with the actors' models on this machine's CPU
+(tests/gpu_layout_run.py): on a small GPU node they leave the read, encode and write tasks room
+(four actors sharing the GPU of a node of 4 CPUs used to take every CPU between them, since an
+actor that names no CPUs gets one anyway, and the run waited forever for its first read); on a
+cluster whose GPU nodes scale from zero, ``--gpus`` asks the autoscaler for them and waits."""
 
 from __future__ import annotations
 
@@ -10,20 +12,44 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jobs.sample import shape_pngs
 
 
-def test_on_a_node_of_four_cpus_and_one_gpu_the_default_actors_leave_the_tasks_half_the_cpus(tmp_path: Path) -> None:
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
     archive = tmp_path / "archive"
     archive.mkdir()
     for name, png in shape_pngs(32, seed=2, size=128).items():
         (archive / name).write_bytes(png)
-    result = subprocess.run([sys.executable, str(Path(__file__).with_name("small_gpu_node_run.py")), str(archive), str(tmp_path)],
+    return archive
+
+
+def _layout_run(scenario: str, archive: Path, output: Path) -> dict:
+    result = subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_layout_run.py")), scenario, str(archive), str(output)],
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+    return json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
+
+
+def test_on_a_node_of_four_cpus_and_one_gpu_the_default_actors_leave_the_tasks_half_the_cpus(archive: Path, tmp_path: Path) -> None:
+    runs = _layout_run("small-node", archive, tmp_path)
     for threads, run in runs.items():
         assert run["counts"]["images"] == run["counts"]["ok"] == 32, threads
         assert run["actors"] * run["resources"]["num_cpus"] <= 2, threads
     assert runs["1"]["actors"] == 4 and runs["4"]["actors"] == 1
+
+
+def test_gpus_are_asked_of_the_autoscaler_and_waited_for(archive: Path, tmp_path: Path) -> None:
+    runs = _layout_run("from-zero", archive, tmp_path)
+    for run in runs.values():
+        assert run["request_during"] == [{"GPU": 1}]  # a floor the autoscaler keeps until replaced...
+        assert run["request_after"] == []  # ...so cleared, whether the GPUs came or not
+    assert "none joined in 3 s" in runs["none_joins"]["error"] and "autoscaler's log" in runs["none_joins"]["error"]
+    joined = runs["one_joins"]
+    assert joined["counts"]["images"] == joined["counts"]["ok"] == 32
+    assert joined["waited"] >= 1.5
+    actors, resources = joined["plan"]
+    assert actors == 1 and resources["num_gpus"] == 1  # planned on the GPU that joined

@@ -1,0 +1,100 @@
+"""Run by tests/test_resources.py in a process of its own: ``segpipe run`` with the model actors
+that segpipe plans for a Ray cluster's GPUs, in number and Ray resources, but with their model on
+this machine's CPU, which is all it has.
+
+Usage: ``python tests/gpu_layout_run.py SCENARIO ARCHIVE OUTPUT``; prints a line ``RESULT {json}``.
+
+- ``small-node``: a local Ray that declares the smallest common GPU node (4 CPUs and one GPU, as
+  AWS's g4dn.xlarge and g5.xlarge have); runs once with one thread per actor and once with four.
+  Per run: the actors' resources and the run's counts.
+- ``from-zero``: a cluster of a CPU-only head (``ray.cluster_utils.Cluster``) and runs with
+  ``gpus=1``: one that waits 3 s with no GPU node coming (its error), then one during whose wait a
+  node of one GPU joins. Per run: the autoscaler request seen during the wait and left after it,
+  and the run's error, or its counts and seconds waited.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import ray
+from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+from ray.cluster_utils import Cluster
+from ray.experimental.internal_kv import _internal_kv_get
+
+import jobs.run as run_module
+from pipeline.config import RunConfig
+from pipeline.errors import InputError
+
+planned: dict[int, tuple[int, dict]] = {}
+"""threads_per_actor -> (actors, each one's Ray resources), as segpipe planned them for the GPUs."""
+
+
+def _plan_for_gpus_on_this_cpu() -> None:
+    plan_for_gpus = run_module._plan_actors
+
+    def plan_on_this_cpu(config: RunConfig) -> tuple[str, int, dict]:
+        _, actors, resources = plan_for_gpus(config.model_copy(update={"device": "cuda"}))
+        planned[config.threads_per_actor] = (actors, resources)
+        return "cpu", actors, resources
+
+    run_module._plan_actors = plan_on_this_cpu
+
+
+def _config(archive: Path, output: Path, **settings: object) -> RunConfig:
+    return RunConfig(input=str(archive), output=str(output), model="unet", weights="shapes", files_per_shard=4,
+                     run_date=dt.date(2026, 11, 27), **settings)  # fmt: skip
+
+
+def small_node(archive: Path, output: Path) -> dict:
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="WARNING")
+    result = {}
+    for threads in (1, 4):
+        manifest = run_module.run(_config(archive, output / f"threads-{threads}", threads_per_actor=threads))
+        actors, resources = planned[threads]
+        result[threads] = {"actors": actors, "resources": resources, "counts": manifest["counts"]}
+    return result
+
+
+def _autoscaler_request() -> list[dict]:
+    """What the (v1) autoscaler is asked to keep room for, as ``request_resources`` left it."""
+    return json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
+
+
+def from_zero(archive: Path, output: Path) -> dict:
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
+    ray.init(address=cluster.address, logging_level="WARNING")
+    result = {}
+    for name, joins, wait in (("none_joins", False, 3), ("one_joins", True, 120)):
+        outcome: dict = {}
+
+        def run_waiting_for_a_gpu() -> None:
+            try:
+                manifest = run_module.run(_config(archive, output / name, gpus=1, wait_for_gpus_seconds=wait, actors=1))
+                outcome.update(counts=manifest["counts"], waited=manifest["timings"]["waited_for_gpus_seconds"], plan=planned[1])
+            except InputError as error:
+                outcome.update(error=str(error))
+
+        # the run waits in a thread: Ray adds nodes from the main thread only
+        running = threading.Thread(target=run_waiting_for_a_gpu)
+        running.start()
+        time.sleep(1.5)
+        outcome["request_during"] = _autoscaler_request()
+        if joins:
+            cluster.add_node(num_cpus=2, num_gpus=1)
+        running.join()
+        result[name] = {**outcome, "request_after": _autoscaler_request()}
+    ray.shutdown()
+    cluster.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    scenario, archive, output = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    _plan_for_gpus_on_this_cpu()
+    print("RESULT " + json.dumps({"small-node": small_node, "from-zero": from_zero}[scenario](archive, output)), flush=True)
