@@ -20,6 +20,12 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   leaves it out);
 - with ``--compile MODE``: the model-only figure once more with the network compiled in that
   mode, and the end-to-end run with ``segpipe run --compile MODE``;
+- with ``--actor-only``: segpipe's model actor alone (:class:`pipeline.infer.SegmentShards`),
+  called in this process on up to 2048 images already read into memory, from as many threads
+  as ``--threads-per-actor``: its decoding, model and post-processing without Ray Data, the
+  object store, encoding or writing. Between model-only and end-to-end, it says what the actor's
+  own work costs beyond the network; ``--profile`` also prints PyTorch's profile of it (the
+  operators and kernels that took the most device time, or host time on a CPU);
 
 and reports images/s for each, the ratios, output bytes per image, how the RLE masks compare
 with raw uint8 class maps, and on CUDA the peak GPU memory and mean GPU utilisation during the
@@ -44,6 +50,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pa_dataset
 import ray
@@ -55,10 +62,15 @@ from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
 from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
-from pipeline.infer import compile_network, execution, kept_detections, model_input
+from pipeline.infer import SegmentShards, compile_network, execution, kept_detections, model_input
+from pipeline.listing import list_shards
+from pipeline.read import read_shards
 
 _WARMUP_STEPS = 3
 _MAX_TIMED_STEPS = 10
+_ACTOR_ONLY_IMAGES = 2048
+_PROFILED_SHARDS = 4
+_PROFILE_ROWS = 30
 _VARIANTS = {"fp32": (False, False), "bf16": (True, False), "bf16_channels_last": (True, True), "fp32_channels_last": (False, True)}
 """Model-only variants measured on CUDA besides the pipeline's own: name -> (bf16, channels_last)."""
 
@@ -115,6 +127,60 @@ def model_only(
         seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {"ips": steps * batch_size / seconds, "peak_gpu_bytes": peak}
+
+
+class _ActorAlone(SegmentShards):
+    """segpipe's model actor, called shard by shard, and profiled, from the benchmark's driver."""
+
+    def segment(self, batch: pa.Table) -> int:
+        """The actor's work on one shard; the number of images in it."""
+        self(batch)
+        return len(batch.column("images")[0])
+
+    def profile(self, batches: list[ray.ObjectRef], *, device: str) -> str:
+        """PyTorch's profile of the actor's work on ``batches``, as a table of the operators and
+        kernels that took the most device time (host time on a CPU)."""
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as profiler:
+            for batch in ray.get(batches):
+                self(batch)
+        sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        return profiler.key_averages().table(sort_by=sort_by, row_limit=_PROFILE_ROWS)
+
+
+def actor_only(directory: Path, model_name: str, weights: str, *, device: str, batch_size: int, settings: dict,
+               profile: bool) -> dict:  # fmt: skip
+    """Images/s of segpipe's model actor alone, in a Ray actor of its own (one GPU, or the CPUs
+    that segpipe's one CPU actor gets), on up to :data:`_ACTOR_ONLY_IMAGES` images whose shards
+    are already read into the object store, after one warm-up shard per thread (kernel searches,
+    first allocations, compilation). ``profile`` prints PyTorch's profile of a second pass over a
+    few shards."""
+    config = RunConfig(input=str(directory), output=str(directory.parent / "actor-only"), model=model_name, weights=weights,
+                       device=device, batch_size=batch_size, run_date=dt.date(2026, 1, 1), **settings)  # fmt: skip
+    shards = list_shards(config.input, files_per_shard=config.files_per_shard, limit=_ACTOR_ONLY_IMAGES).shards
+    batches = [ray.put(read_shards(pa.table({"shard": [shard.to_json()]}), image_column=config.image_column)) for shard in shards]
+    actor = (
+        ray.remote(_ActorAlone)
+        .options(max_concurrency=config.threads_per_actor, **_one_actor_resources(device))
+        .remote(configs=[config], run_ids=["actor-only"], device=device,
+                weights=[ray.put(resolve_weights(weights, get_model_spec(model_name)))], pipeline_started_at=time.time())
+    )  # fmt: skip
+    ray.get([actor.segment.remote(batch) for batch in batches[: config.threads_per_actor]])
+    started = time.perf_counter()
+    images = sum(ray.get([actor.segment.remote(batch) for batch in batches]))
+    seconds = time.perf_counter() - started
+    if profile:
+        print(ray.get(actor.profile.remote(batches[:_PROFILED_SHARDS], device=device)), file=sys.stderr, flush=True)
+    ray.kill(actor)
+    return {"ips": images / seconds, "images": images, "threads": config.threads_per_actor}
+
+
+def _one_actor_resources(device: str) -> dict:
+    """Ray resources of a lone model actor: one GPU, or on CPUs all but the one that segpipe
+    leaves to the read and write tasks."""
+    if device == "cuda":
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": max(1.0, ray.cluster_resources().get("CPU", 2) - 1)}
 
 
 class GpuSampler:
@@ -227,17 +293,13 @@ def baseline(directory: Path, output: Path, model_name: str, weights: str, *, de
     if spec.task != "semantic":
         return None
     preprocessing = resolve_weights(weights, spec).preprocessing
-    resources = ray.cluster_resources()
-    if device == "cuda":
-        actors, actor_resources = max(1, int(resources.get("GPU", 0))), {"num_gpus": 1, "num_cpus": 1}
-    else:  # as segpipe does: one actor, on the CPUs that one read/write task leaves
-        actors, actor_resources = 1, {"num_cpus": max(1.0, resources.get("CPU", 2) - 1)}
+    actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if device == "cuda" else 1
     started = time.perf_counter()
     (
         ray.data.read_images(str(directory), mode="RGB")
         .map_batches(_baseline_preprocess, fn_kwargs={"preprocessing": preprocessing}, batch_size=batch_size)
         .map_batches(BaselinePredictor, fn_constructor_kwargs={"model_name": model_name, "weights": weights, "device": device},
-                     compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, **actor_resources)  # fmt: skip
+                     compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, **_one_actor_resources(device))  # fmt: skip
         .map_batches(_baseline_postprocess, batch_size=batch_size)
         .write_parquet(str(output))
     )
@@ -258,7 +320,7 @@ def _synchronize(device: str) -> None:
 
 def measure(
     model_name: str, *, weights: str, corpus: str, count: int, width: int, height: int, device: str, batch_size: int,
-    settings: dict, skip_baseline: bool, skip_variants: bool, workdir: Path,
+    settings: dict, skip_baseline: bool, skip_variants: bool, actor_alone: bool, profile: bool, workdir: Path,
 ) -> dict:  # fmt: skip
     """Every figure of one benchmark run, as the ``--json`` object. Each phase's figures also go
     to stderr as it ends, so that a run stopped by a time limit keeps those it finished."""
@@ -285,6 +347,9 @@ def measure(
     torchvision_forward = None if spec.task == "semantic" else _reported(
         "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
     )
+    alone = None if not (actor_alone or profile) else _reported(
+        "actor-only", actor_only(images, model_name, weights, device=device, batch_size=batch_size, settings=settings, profile=profile)
+    )
     whole = _reported("end-to-end", end_to_end(images, workdir / "segpipe-out", model_name, weights, device=device,
                                                batch_size=batch_size, settings=settings))  # fmt: skip
     plain = None if skip_baseline else _reported(
@@ -305,6 +370,7 @@ def measure(
         "torchvision_forward_ips": torchvision_forward["ips"] if torchvision_forward else None,
         "segpipe_settings": settings,
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
+        "actor_only_ips": alone["ips"] if alone else None,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
         "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
@@ -346,6 +412,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-variants", action="store_true",
                         help="time the model alone only at the pipeline's own precision, not in every variant "
                              "(the comparison takes about a minute for DeepLabV3 on an H100)")
+    parser.add_argument("--actor-only", action="store_true",
+                        help="time segpipe's model actor alone too, called in this process on shards read into memory")
+    parser.add_argument("--profile", action="store_true",
+                        help="print PyTorch's profile of the actor alone (implies --actor-only)")
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
                         help="time the model compiled in this mode too, and run segpipe with --compile MODE "
                              "(compilation is not timed in model-only)")
@@ -360,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
                          device=args.device, batch_size=args.batch_size, skip_baseline=args.skip_baseline,
-                         skip_variants=args.skip_variants, workdir=workdir,
+                         skip_variants=args.skip_variants, actor_alone=args.actor_only, profile=args.profile, workdir=workdir,
                          settings={"files_per_shard": args.files_per_shard, "compile": args.compile, "actors": args.actors,
                                    "threads_per_actor": args.threads_per_actor})  # fmt: skip
     if args.json:
