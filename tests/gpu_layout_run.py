@@ -66,6 +66,14 @@ def _autoscaler_request() -> list[dict]:
     return json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
 
 
+def _first_request(within: float) -> list[dict]:
+    """The autoscaler request, as soon as there is one (``[]`` if none came ``within`` seconds)."""
+    deadline = time.monotonic() + within
+    while not (request := _autoscaler_request()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return request
+
+
 def from_zero(archive: Path, output: Path) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
     ray.init(address=cluster.address, logging_level="WARNING")
@@ -83,8 +91,7 @@ def from_zero(archive: Path, output: Path) -> dict:
         # the run waits in a thread: Ray adds nodes from the main thread only
         running = threading.Thread(target=run_waiting_for_a_gpu)
         running.start()
-        time.sleep(1.5)
-        outcome["request_during"] = _autoscaler_request()
+        outcome["request_during"] = _first_request(within=60)
         if joins:
             cluster.add_node(num_cpus=2, num_gpus=1)
         running.join()
