@@ -21,9 +21,9 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
 - with ``--compile MODE``: the model-only figure once more with the network compiled in that
   mode, and the end-to-end run with ``segpipe run --compile MODE``;
 - with ``--actor-only``: segpipe's model actor alone (:class:`pipeline.infer.SegmentShards`),
-  called in this process on up to 2048 images already read into memory, from as many threads
-  as ``--threads-per-actor``: its decoding, model and post-processing without Ray Data, the
-  object store, encoding or writing. Between model-only and end-to-end, it says what the actor's
+  in a Ray actor of its own called on up to 2048 images whose shards are already read into the
+  object store, from as many threads as ``--threads-per-actor``: its decoding, model and
+  post-processing without Ray Data, reading, encoding or writing. Between model-only and end-to-end, it says what the actor's
   own work costs beyond the network; ``--profile`` also prints PyTorch's profile of it (the
   operators and kernels that took the most device time, or host time on a CPU);
 
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="time the model alone only at the pipeline's own precision, not in every variant "
                              "(the comparison takes about a minute for DeepLabV3 on an H100)")
     parser.add_argument("--actor-only", action="store_true",
-                        help="time segpipe's model actor alone too, called in this process on shards read into memory")
+                        help="time segpipe's model actor alone too, in a Ray actor called on shards already in the object store")
     parser.add_argument("--profile", action="store_true",
                         help="print PyTorch's profile of the actor alone (implies --actor-only)")
     parser.add_argument("--compile", choices=["off", "default", "reduce-overhead", "max-autotune"], default="off",
