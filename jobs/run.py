@@ -304,8 +304,7 @@ def _bring_up_gpus(config: RunConfig) -> float:
 
 def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
     """The model actors' device, how many there are, and the Ray resources each asks for."""
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
+    gpus = _cluster_gpus()
     wants_gpus = config.device == "cuda" or config.gpus is not None
     if wants_gpus and gpus == 0:
         raise InputError(
@@ -316,7 +315,7 @@ def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
         actors = config.actors or gpus * math.ceil(_SHARDS_PER_GPU / config.threads_per_actor)
         return "cuda", actors, {"num_gpus": min(1.0, gpus / actors), "num_cpus": _gpu_actor_cpus(config, actors / gpus)}
     actors = config.actors or 1
-    cpus = resources.get("CPU", 1.0)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
     # Leave room for the I/O-bound read and write tasks; the actors share the rest for torch threads.
     reserved = 1.0 if cpus >= 2 else _IO_TASK_CPUS
     return "cpu", actors, {"num_cpus": max(_IO_TASK_CPUS, (cpus - reserved) / actors)}
