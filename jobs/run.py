@@ -60,13 +60,19 @@ _PIPELINE_FIELDS = {
 
 
 @dataclass
-class _Plan:
-    """One run, resolved: its model, verified weights, run id, listing and what is already written."""
+class _Run:
+    """One run, resolved: its model, verified weights and run id."""
 
     config: RunConfig
     spec: ModelSpec
     weights: Weights
     run_id: str
+
+
+@dataclass
+class _Plan(_Run):
+    """One run to do: its listing and what an interrupted attempt already wrote."""
+
     listing: Listing
     processed: ProcessedSources | None
     written: dict[str, dict]
@@ -85,27 +91,36 @@ def run_all(configs: list[RunConfig]) -> list[dict]:
     decoded once, then every model that still needs the shard runs on it. Each run keeps its
     own run id, partition and manifest, exactly as if it had run alone."""
     manifests: dict[int, dict] = {}
-    plans: dict[int, _Plan] = {}
-    listings: dict[tuple, Listing] = {}  # runs over the same input list it once (unless --incremental)
+    runs: dict[int, _Run] = {}
     for position, config in enumerate(configs):
-        outcome = _plan(config, listings)
+        outcome = _resolve(config)
         if isinstance(outcome, dict):
             manifests[position] = outcome
         else:
-            plans[position] = outcome
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for position, plan in plans.items():
-        shared = plan.config.model_dump(include=_PIPELINE_FIELDS)
-        groups[(tuple(shard.shard_id for shard in plan.listing.shards), *shared.values())].append(position)
-    for positions in groups.values():
-        for position, manifest in zip(positions, _run_together([plans[position] for position in positions])):
-            manifests[position] = manifest
+            runs[position] = outcome
+    gpus = max((run.config.gpus for run in runs.values() if run.config.gpus is not None), default=None)
+    # GPU nodes boot while the input lists: both can take minutes.
+    ray_startup_seconds = ensure_ray() if gpus is not None else 0.0
+    gpus_asked_at = _ask_for_gpus(gpus) if gpus is not None else None
+    try:
+        listings: dict[tuple, Listing] = {}  # runs over the same input list it once (unless --incremental)
+        plans = {position: _plan(run, listings) for position, run in runs.items()}
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for position, plan in plans.items():
+            shared = plan.config.model_dump(include=_PIPELINE_FIELDS)
+            groups[(tuple(shard.shard_id for shard in plan.listing.shards), *shared.values())].append(position)
+        for positions in groups.values():
+            together = _run_together([plans[position] for position in positions], ray_startup_seconds, gpus_asked_at)
+            for position, manifest in zip(positions, together):
+                manifests[position] = manifest
+    finally:
+        if gpus_asked_at is not None:
+            request_resources(bundles=[])  # every shard was written already, or the listing failed
     return [manifests[position] for position in range(len(configs))]
 
 
-def _plan(config: RunConfig, listings: dict[tuple, Listing]) -> _Plan | dict:
-    """The run's plan, or its manifest when it is already committed (and not ``force``d).
-    ``listings`` holds the full listings made so far, by input, shard size and limit."""
+def _resolve(config: RunConfig) -> _Run | dict:
+    """The run ``config`` describes, or its manifest when it is already committed (and not ``force``d)."""
     config = config.model_copy(update={"input": absolute_uri(config.input), "output": absolute_uri(config.output)})
     _refuse_output_inside_input(config)
     spec = get_model_spec(config.model)
@@ -115,6 +130,13 @@ def _plan(config: RunConfig, listings: dict[tuple, Listing]) -> _Plan | dict:
     if committed is not None and not config.force:
         print(f"segpipe: run {run_id} ({spec.name}) is already committed; nothing to do (--force redoes it)", flush=True)
         return committed
+    return _Run(config, spec, weights, run_id)
+
+
+def _plan(run: _Run, listings: dict[tuple, Listing]) -> _Plan:
+    """The run's listing and what is already written of it. ``listings`` holds the full listings
+    made so far, by input, shard size and limit."""
+    config, spec, weights, run_id = run.config, run.spec, run.weights, run.run_id
     processed = (
         processed_sources(
             config.output,
@@ -136,15 +158,17 @@ def _plan(config: RunConfig, listings: dict[tuple, Listing]) -> _Plan | dict:
     if not listing.shards and not listing.skipped_files:
         raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
     written = {} if config.force else _written_shards(config, run_id, listing.shards)
-    return _Plan(config, spec, weights, run_id, listing, processed, written)
+    return _Plan(**vars(run), listing=listing, processed=processed, written=written)
 
 
-def _run_together(plans: list[_Plan]) -> list[dict]:
-    """Run ``plans`` (same shards) through one pipeline and commit each; returns their manifests."""
+def _run_together(plans: list[_Plan], ray_startup_seconds: float, gpus_asked_at: float | None) -> list[dict]:
+    """Run ``plans`` (same shards) through one pipeline and commit each; returns their manifests.
+    ``ray_startup_seconds``: what starting Ray before the listing took; ``gpus_asked_at``: when
+    GPUs were asked for then (``time.monotonic()``)."""
     shards = plans[0].listing.shards
     todo = [shard for shard in shards if any(shard.shard_id not in plan.written for plan in plans)]
-    ray_startup_seconds = ensure_ray() if todo else 0.0
-    waited_for_gpus_seconds = _bring_up_gpus(plans[0].config) if todo else 0.0
+    ray_startup_seconds += ensure_ray() if todo else 0.0
+    waited_for_gpus_seconds = _wait_for_gpus(plans[0].config, gpus_asked_at) if todo else 0.0
     started, started_at = time.monotonic(), time.time()
     first_shard: tuple[float, dict] | None = None
     rows: dict[str, dict[str, dict]] = {plan.run_id: dict(plan.written) for plan in plans}
@@ -268,20 +292,33 @@ def _cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
-def _bring_up_gpus(config: RunConfig) -> float:
-    """Wait until the Ray cluster has ``config.gpus`` GPUs, asking its autoscaler for the missing
-    ones, for at most ``config.wait_for_gpus_seconds``; returns the seconds waited.
+def _ask_for_gpus(gpus: int) -> float | None:
+    """Ask the Ray cluster's autoscaler for ``gpus`` GPUs where it has fewer; returns when
+    (``time.monotonic()``), or ``None`` when it has enough.
 
-    The request is a floor that the autoscaler keeps until it is replaced, so it is cleared when
-    the wait ends: from then on the run's actors keep the nodes busy, and once the run is over the
-    autoscaler can scale them down again."""
+    The request is a floor that the autoscaler keeps until it is replaced, so it is cleared once
+    the wait ends (:func:`_wait_for_gpus`) or the run ends: from then on the run's actors keep the
+    nodes busy, and once the run is over the autoscaler can scale them down again."""
+    if (joined := _cluster_gpus()) >= gpus:
+        return None
+    print(f"segpipe: the Ray cluster has {joined} of {gpus} GPU(s); asked its autoscaler for them, listing the input meanwhile", flush=True)
+    request_resources(bundles=[{"GPU": 1}] * gpus)
+    return time.monotonic()
+
+
+def _wait_for_gpus(config: RunConfig, asked_at: float | None) -> float:
+    """Wait until the Ray cluster has ``config.gpus`` GPUs, for at most
+    ``config.wait_for_gpus_seconds`` from ``asked_at``, when they were asked for (or from now,
+    asking now, when they were not); clears the request; returns the seconds waited here."""
     if config.gpus is None or (gpus := _cluster_gpus()) >= config.gpus:
+        if asked_at is not None:
+            request_resources(bundles=[])  # they joined while the input listed
         return 0.0
     started = time.monotonic()
-    deadline, next_report = started + config.wait_for_gpus_seconds, started + _GPU_PROGRESS_SECONDS
-    print(f"segpipe: the Ray cluster has {gpus} of {config.gpus} GPU(s); asked its autoscaler for them, "
-          f"waiting up to {config.wait_for_gpus_seconds} s", flush=True)  # fmt: skip
-    request_resources(bundles=[{"GPU": 1}] * config.gpus)
+    request_resources(bundles=[{"GPU": 1}] * config.gpus)  # again: a run before this one may have cleared it
+    deadline = (asked_at or started) + config.wait_for_gpus_seconds
+    print(f"segpipe: waiting for GPUs, up to {max(0.0, deadline - started):.0f} s more", flush=True)
+    next_report = started + _GPU_PROGRESS_SECONDS
     try:
         while (gpus := _cluster_gpus()) < config.gpus and time.monotonic() < deadline:
             if time.monotonic() >= next_report:
@@ -298,7 +335,7 @@ def _bring_up_gpus(config: RunConfig) -> float:
             "autoscaler container's log)"
         )
     short = f" (of {config.gpus} asked for; running on those)" if gpus < config.gpus else ""
-    print(f"segpipe: {gpus} GPU(s) after {waited:.0f} s{short}", flush=True)
+    print(f"segpipe: {gpus} GPU(s) after {waited:.0f} s more{short}", flush=True)
     return waited
 
 

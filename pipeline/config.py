@@ -72,10 +72,12 @@ class RunConfig(BaseModel):
     gpus: PositiveInt | None = Field(
         None,
         description="GPUs to wait for before the run starts: when the Ray cluster has fewer (GPU nodes that scale from "
-        "zero), ask its autoscaler for them and wait up to wait_for_gpus_seconds, then run on the GPUs that have joined "
-        "(an error if none has); implies device cuda",
+        "zero), ask its autoscaler for them before listing the input and wait up to wait_for_gpus_seconds, then run on the "
+        "GPUs that have joined (an error if none has); implies device cuda",
     )
-    wait_for_gpus_seconds: PositiveInt = Field(900, description="how long gpus waits for GPU nodes to join")
+    wait_for_gpus_seconds: PositiveInt = Field(
+        900, description="how long gpus waits for GPU nodes to join, counted from asking for them, before the listing"
+    )
     actors: PositiveInt | None = Field(
         None,
         description="model actors in the pool (default: four per GPU divided by threads_per_actor, rounded up, sharing it "

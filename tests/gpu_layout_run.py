@@ -7,10 +7,11 @@ Usage: ``python tests/gpu_layout_run.py SCENARIO ARCHIVE OUTPUT``; prints a line
 - ``small-node``: a local Ray that declares the smallest common GPU node (4 CPUs and one GPU, as
   AWS's g4dn.xlarge and g5.xlarge have); runs once with one thread per actor and once with four.
   Per run: the actors' resources and the run's counts.
-- ``from-zero``: a cluster of a CPU-only head (``ray.cluster_utils.Cluster``) and runs with
-  ``gpus=1``: one that waits 3 s with no GPU node coming (its error), then one during whose wait a
-  node of one GPU joins. Per run: the autoscaler request seen during the wait and left after it,
-  and the run's error, or its counts and seconds waited.
+- ``from-zero``: a cluster of a CPU-only head (``ray.cluster_utils.Cluster``) and three runs
+  that ask for GPUs: one for one GPU that waits 3 s with no GPU node coming (its error), one for
+  one GPU whose node joins after the listing, during the wait, and one for two GPUs whose second
+  node joins while the input lists. Per run: the autoscaler request seen as the listing started
+  and left after the run, and the run's error, or its counts and seconds waited.
 """
 
 from __future__ import annotations
@@ -66,33 +67,43 @@ def _autoscaler_request() -> list[dict]:
     return json.loads(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) or b"[]")
 
 
-def _first_request(within: float) -> list[dict]:
-    """The autoscaler request, as soon as there is one (``[]`` if none came ``within`` seconds)."""
-    deadline = time.monotonic() + within
-    while not (request := _autoscaler_request()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return request
-
-
 def from_zero(archive: Path, output: Path) -> dict:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
     ray.init(address=cluster.address, logging_level="WARNING")
+    list_shards = run_module.list_shards
     result = {}
-    for name, joins, wait in (("none_joins", False, 3), ("one_joins", True, 120)):
+    runs = (("none_joins", 1, 3, None), ("one_joins", 1, 120, "after listing"), ("joins_while_listing", 2, 120, "while listing"))
+    for name, gpus, wait, joins in runs:  # GPUs the run asks for, seconds it waits, when a node of one GPU joins
         outcome: dict = {}
+        listing, listed = threading.Event(), threading.Event()
 
-        def run_waiting_for_a_gpu() -> None:
+        def list_noting_the_request(*args: object, **kwargs: object) -> object:
+            outcome["request_while_listing"] = _autoscaler_request()
+            listing.set()
+            if joins == "while listing":  # a listing that lasts until the node has joined
+                while ray.cluster_resources().get("GPU", 0) < gpus:
+                    time.sleep(0.1)
+            shards = list_shards(*args, **kwargs)
+            listed.set()
+            return shards
+
+        def run_waiting_for_gpus() -> None:
             try:
-                manifest = run_module.run(_config(archive, output / name, gpus=1, wait_for_gpus_seconds=wait, actors=1))
+                config = _config(archive, output / name, gpus=gpus, wait_for_gpus_seconds=wait, actors=1)
+                manifest = run_module.run(config)
                 outcome.update(counts=manifest["counts"], waited=manifest["timings"]["waited_for_gpus_seconds"], plan=planned[1])
             except InputError as error:
                 outcome.update(error=str(error))
+            finally:  # should the run have failed before or in its listing
+                listing.set()
+                listed.set()
 
+        run_module.list_shards = list_noting_the_request
         # the run waits in a thread: Ray adds nodes from the main thread only
-        running = threading.Thread(target=run_waiting_for_a_gpu)
+        running = threading.Thread(target=run_waiting_for_gpus)
         running.start()
-        outcome["request_during"] = _first_request(within=60)
-        if joins:
+        if joins is not None:
+            (listing if joins == "while listing" else listed).wait()
             cluster.add_node(num_cpus=2, num_gpus=1)
         running.join()
         result[name] = {**outcome, "request_after": _autoscaler_request()}

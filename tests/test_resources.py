@@ -44,12 +44,16 @@ def test_on_a_node_of_four_cpus_and_one_gpu_the_default_actors_leave_the_tasks_h
 
 def test_gpus_are_asked_of_the_autoscaler_and_waited_for(archive: Path, tmp_path: Path) -> None:
     runs = _layout_run("from-zero", archive, tmp_path)
+    # asked for before the listing, so that the nodes boot while it runs
+    assert runs["none_joins"]["request_while_listing"] == runs["one_joins"]["request_while_listing"] == [{"GPU": 1}]
+    assert runs["joins_while_listing"]["request_while_listing"] == [{"GPU": 1}] * 2
     for run in runs.values():
-        assert run["request_during"] == [{"GPU": 1}]  # a floor the autoscaler keeps until replaced...
-        assert run["request_after"] == []  # ...so cleared, whether the GPUs came or not
+        assert run["request_after"] == []  # a floor the autoscaler keeps until replaced, so cleared, whether the GPUs came or not
     assert "none joined in 3 s" in runs["none_joins"]["error"] and "autoscaler's log" in runs["none_joins"]["error"]
-    joined = runs["one_joins"]
-    assert joined["counts"]["images"] == joined["counts"]["ok"] == 32
-    assert joined["waited"] > 0
-    actors, resources = joined["plan"]
-    assert actors == 1 and resources["num_gpus"] == 1  # planned on the GPU that joined
+    for name in ("one_joins", "joins_while_listing"):
+        counts = runs[name]["counts"]
+        assert counts["images"] == counts["ok"] == 32
+        actors, resources = runs[name]["plan"]
+        assert actors == 1 and resources["num_gpus"] == 1  # planned on the GPU(s) that joined
+    assert runs["one_joins"]["waited"] > 0
+    assert runs["joins_while_listing"]["waited"] == 0  # the nodes' boot hid behind the listing
