@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from pipeline.schema import CLASS_STATS_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, unnest, with_stage_seconds
+from pipeline.schema import (
+    CLASS_STATS_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, single_array, unnest, with_stage_seconds,
+)  # fmt: skip
 
 # The functions that take tensors import torch themselves: they run in the model actors, while
 # the encode tasks only build strings and rows, and a worker process that imports torch grows by
@@ -328,32 +331,29 @@ def mask_count(output: Runs | Detections) -> int:
     return len(output.labels)
 
 
-_NO_RUNS = np.zeros(0, dtype=np.int64)
-
-
 def results_table(outputs: list[tuple[str, str, Runs | Detections]]) -> pa.Table:
     """:data:`~pipeline.schema.RESULTS_SCHEMA` rows of ``(image_id, uri, model output)`` of ok
     images: a class map's :class:`Runs`, or :class:`Detections`."""
     maps = [[output] if isinstance(output, Runs) else output.masks or [] for _, _, output in outputs]
     detections = [None if isinstance(output, Runs) else output for _, _, output in outputs]
     shapes = [output.shape for _, _, output in outputs]
+    # Each list cell is given as the parts that it concatenates: an image's runs are those of all its maps.
     columns = {
         "image_id": pa.array([image_id for image_id, _, _ in outputs], pa.string()),
         "uri": pa.array([uri for _, uri, _ in outputs], pa.string()),
         "height": pa.array([height for height, _ in shapes], pa.int32()),
         "width": pa.array([width for _, width in shapes], pa.int32()),
-        # an image without masks starts from an int64 empty array: a float one would turn the shard's runs to float64
-        "run_starts": [np.concatenate([_NO_RUNS, *(runs.starts for runs in image_maps)]) for image_maps in maps],
-        "run_values": [np.concatenate([_NO_RUNS, *(runs.values for runs in image_maps)]) for image_maps in maps],
+        "run_starts": [[runs.starts for runs in image_maps] for image_maps in maps],
+        "run_values": [[runs.values for runs in image_maps] for image_maps in maps],
         "runs_per_map": [
-            None if found is None or found.masks is None else [len(runs.starts) for runs in image_maps]
+            None if found is None or found.masks is None else [[len(runs.starts) for runs in image_maps]]
             for found, image_maps in zip(detections, maps)
         ],
-        "boxes": [None if found is None else found.boxes.ravel() for found in detections],
-        "labels": [None if found is None else found.labels for found in detections],
-        "scores": [None if found is None else found.scores for found in detections],
-        "class_ids": [None if found is None else list(found.class_pixels) for found in detections],
-        "class_pixels": [None if found is None else list(found.class_pixels.values()) for found in detections],
+        "boxes": [None if found is None else [found.boxes.ravel()] for found in detections],
+        "labels": [None if found is None else [found.labels] for found in detections],
+        "scores": [None if found is None else [found.scores] for found in detections],
+        "class_ids": [None if found is None else [list(found.class_pixels)] for found in detections],
+        "class_pixels": [None if found is None else [list(found.class_pixels.values())] for found in detections],
     }
     return pa.table(
         {
@@ -393,11 +393,13 @@ def model_outputs(results: pa.Table) -> list[tuple[str, str, Runs | Detections]]
     return outputs
 
 
-def _list_array(rows: list, list_type: pa.LargeListType) -> pa.LargeListArray:
-    """A list array of ``rows`` (each a sequence, or ``None`` for a null), without a Python loop over the values."""
-    lengths = np.array([0 if row is None else len(row) for row in rows], dtype=np.int64)
-    present = [np.asarray(row) for row in rows if row is not None]
-    values = np.concatenate(present) if present else np.zeros(0)
+def _list_array(rows: list[list[Sequence] | None], list_type: pa.LargeListType) -> pa.LargeListArray:
+    """A list array whose cells are the concatenated parts of ``rows`` (``None`` for a null),
+    without a Python loop over the values, which are copied once."""
+    lengths = np.array([0 if row is None else sum(len(part) for part in row) for row in rows], dtype=np.int64)
+    dtype = list_type.value_type.to_pandas_dtype()  # also for empty parts: a float64 one would make the values float64
+    parts = [np.asarray(part, dtype=dtype) for row in rows if row is not None for part in row]
+    values = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     nulls = pa.array([row is None for row in rows]) if any(row is None for row in rows) else None
     return pa.LargeListArray.from_arrays(
         np.append(0, np.cumsum(lengths)), pa.array(values, type=list_type.value_type), type=list_type, mask=nulls
@@ -434,5 +436,5 @@ def encode_shards(batch: pa.Table, *, categories: dict[str, tuple[str, ...]]) ->
         seconds.append(with_stage_seconds(batch.column("stage_seconds")[row].as_py(), "encode", time.perf_counter() - started))
     kept = batch.drop_columns(["results", "stage_seconds"])
     return kept.append_column("stage_seconds", pa.array(seconds, pa.string())).append_column(
-        "masks", pa.concat_arrays(masks_cells)
-    ).append_column("class_stats", pa.concat_arrays(stats_cells))
+        "masks", single_array(masks_cells)
+    ).append_column("class_stats", single_array(stats_cells))

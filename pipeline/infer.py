@@ -65,7 +65,7 @@ from models.rcnn import detect, input_size, paste_masks
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
 from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
-from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, nest, rows_to_table, unnest
+from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, nest, rows_to_table, single_array, unnest
 
 _IMPORTED_AT = time.time()
 """When this process had imported torch, torchvision and segpipe's models (an actor's ``imported`` figure)."""
@@ -188,7 +188,7 @@ class SegmentShards:
                 # Every model's row carries the shard's seconds: the stages serve all models at once.
                 columns["stage_seconds"] += [json.dumps({stage: round(s, 4) for stage, s in seconds.items()})] * len(per_model)
                 seconds.clear()
-        tables = {name: pa.concat_arrays(columns[name]) for name in ("images", "results")}
+        tables = {name: single_array(columns[name]) for name in ("images", "results")}
         return pa.table({name: columns[name] for name in ("shard_id", "run_id", "model", "stage_seconds")} | tables)
 
     @contextmanager

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.listing import Shard, image_extension
-from pipeline.schema import ENCODED_IMAGE_SCHEMA, nest, rows_to_table
+from pipeline.schema import ENCODED_IMAGE_SCHEMA, nest, rows_to_table, single_array
 from pipeline.storage import is_transient, retrying
 
 _PARQUET_READ_ROWS = 64
@@ -35,7 +35,7 @@ def read_shards(batch: pa.Table, *, image_column: str) -> pa.Table:
     """Ray Data batch function: column ``shard`` (JSON descriptors) -> ``shard_id``, ``images``."""
     shards = [Shard.from_json(text) for text in batch.column("shard").to_pylist()]
     images = [nest(rows_to_table(_read_shard(shard, image_column), ENCODED_IMAGE_SCHEMA)) for shard in shards]
-    return pa.table({"shard_id": [shard.shard_id for shard in shards], "images": pa.concat_arrays(images)})
+    return pa.table({"shard_id": [shard.shard_id for shard in shards], "images": single_array(images)})
 
 
 def read_image_bytes(uri: str, *, image_column: str = "image") -> bytes:

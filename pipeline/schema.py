@@ -108,12 +108,17 @@ RESULTS_SCHEMA = pa.schema(
 
 
 def nest(table: pa.Table) -> pa.Array:
-    """A one-element list<struct> array holding all rows of ``table`` (one cell of a shard row)."""
-    struct_type = pa.struct(list(table.schema))
-    rows = pa.StructArray.from_arrays(
-        [column.combine_chunks() for column in table.columns], fields=list(struct_type)
-    ) if table.num_rows else pa.array([], type=struct_type)
-    return pa.LargeListArray.from_arrays(pa.array([0, table.num_rows], type=pa.int64()), rows)
+    """A one-element list<struct> array holding all rows of ``table`` (one cell of a shard row),
+    on ``table``'s buffers where it is in one chunk."""
+    return pa.LargeListArray.from_arrays(pa.array([0, table.num_rows], type=pa.int64()), single_array(table.to_struct_array()))
+
+
+def single_array(arrays: pa.ChunkedArray | list[pa.Array]) -> pa.Array:
+    """The arrays as one: the only one as it is (Arrow's concatenation copies even one), more
+    concatenated."""
+    if isinstance(arrays, pa.ChunkedArray):
+        return arrays.chunk(0) if arrays.num_chunks == 1 else arrays.combine_chunks()
+    return arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
 
 
 def unnest(cell: pa.Scalar, schema: pa.Schema) -> pa.Table:

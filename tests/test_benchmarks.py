@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import corpus
 from benchmarks.corpus import write_jpegs
 from benchmarks.memory import tree_pss
+from benchmarks.tables import shard_outputs, tables_microseconds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +36,13 @@ def test_large_corpora_repeat_their_distinct_images_as_hard_links(tmp_path: Path
 
 def test_tree_pss_counts_this_process() -> None:
     assert tree_pss(os.getpid()) > 10 << 20
+
+
+def test_tables_benchmark_times_a_shard_of_the_runs_it_asks_for() -> None:
+    outputs = shard_outputs(3, 50, 16, 12)
+    assert [len(runs.starts) for _, _, runs in outputs] == [50] * 3
+    assert all(runs.starts[0] == 0 and np.all(np.diff(runs.starts) > 0) and runs.starts[-1] < 16 * 12 for _, _, runs in outputs)
+    assert tables_microseconds(outputs, repeat=1) > 0
 
 
 def _throughput(model: str, workdir: Path, *flags: str) -> dict:
