@@ -425,17 +425,33 @@ def _execute(
 
 def _with_progress(rows: Iterator[dict], total: int) -> Iterator[dict]:
     """``rows``; when stdout is no terminal (a log file, a scheduler), one line per written
-    shard stands in for Ray Data's progress bars."""
+    shard stands in for Ray Data's progress bars: from the second on, with the images/s since
+    the first (start-up left out) and the time left at that pace."""
     log_lines = not sys.stdout.isatty()
     started = time.monotonic()
+    first_written_at: float | None = None
+    images_since_first = 0
     for done, row in enumerate(rows, start=1):
         if log_lines:
-            print(
-                f"segpipe: shard {done}/{total} written ({row['images']} images, {row['ok']} ok) "
-                f"after {time.monotonic() - started:.0f} s",
-                flush=True,
-            )
+            now = time.monotonic()
+            line = f"segpipe: shard {done}/{total} written ({row['images']} images, {row['ok']} ok) after {now - started:.0f} s"
+            if first_written_at is None:
+                first_written_at = now
+            elif now > first_written_at:
+                images_since_first += row["images"]
+                seconds_per_shard = (now - first_written_at) / (done - 1)
+                line += (f"; {images_since_first / (now - first_written_at):.1f} images/s, "
+                         f"about {_duration(seconds_per_shard * (total - done))} left")  # fmt: skip
+            print(line, flush=True)
         yield row
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _manifest(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
     spec = tmp_path / "job.yaml"
     spec.write_text(
         f"input: {tmp_path / 'sample'}\noutput: {tmp_path / 'out'}\nmodel: lraspp_mobilenet_v3_large\n"
-        "weights: random\nrun_date: 2026-11-24\nfiles_per_shard: 8\n"
+        "weights: random\nrun_date: 2026-11-24\nfiles_per_shard: 2\n"
     )
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
     result = subprocess.run(
@@ -136,7 +137,10 @@ def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
         "WHERE run_date = DATE '2026-11-24' AND model = 'lraspp_mobilenet_v3_large'"
     ).fetchall()
     assert images == [(6,)]
-    assert summary.count("segpipe: shard ") == 1  # stdout is no terminal: a line per written shard
+    # stdout is no terminal: a line per written shard, from the second on with the pace and the time left
+    progress = [line for line in summary.splitlines() if line.startswith("segpipe: shard ")]
+    assert [line.split(" written")[0] for line in progress] == [f"segpipe: shard {done}/3" for done in (1, 2, 3)]
+    assert "images/s" not in progress[0] and all(re.search(r"; [\d.]+ images/s, about \d+ s left$", line) for line in progress[1:])
     _check_query(tmp_path / "out", tmp_path)
 
 
