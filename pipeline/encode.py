@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 # torch calls the API beta once per process; the union areas rely only on its documented "amax".
 warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta", category=UserWarning)
 
+_UNION_PIXELS_PER_STEP = 2**20
+"""Pixels of an image's masks that the union's product takes at once: its bf16 copy of them stays
+within 200 MB for 100 masks, whatever the image's size."""
+
 
 @dataclass(frozen=True)
 class Runs:
@@ -226,10 +230,9 @@ def summarize_detections(
 
     covered = masks if masks is not None else _box_masks(boxes, height, width)
     classes, class_of_mask = labels.unique(return_inverse=True)
-    # A class's union is the maximum of its masks, taken over bytes that view the booleans in place.
-    union = covered.new_zeros((len(classes), height * width), dtype=torch.uint8)
-    union.index_reduce_(0, class_of_mask, covered.reshape(len(labels), height * width).view(torch.uint8), "amax")
-    boxes, labels, scores, classes, union_pixels = to_host(boxes, labels, scores, classes, union.sum(1, dtype=torch.int64))
+    covered = covered.reshape(len(labels), height * width)
+    union_pixels = union_pixels_of_classes(covered, class_of_mask, len(classes), by_product=covered.is_cuda)
+    boxes, labels, scores, classes, union_pixels = to_host(boxes, labels, scores, classes, union_pixels)
     return Detections(
         boxes=boxes,
         labels=labels,
@@ -238,6 +241,28 @@ def summarize_detections(
         class_pixels=dict(zip(classes.tolist(), union_pixels.tolist())),
         shape=(height, width),
     )
+
+
+def union_pixels_of_classes(covered: torch.Tensor, class_of_mask: torch.Tensor, classes: int, *, by_product: bool) -> torch.Tensor:
+    """Per class, the pixels that at least one of its masks covers: int64 ``(classes,)`` from
+    boolean ``(K, P)`` masks and each one's class (``(K,)``, in ``range(classes)``).
+
+    ``by_product`` (for GPUs): the product of the classes' one-hot rows with the masks counts
+    each pixel's masks per class, on tensor cores in bf16 (a sum of 0/1 products cannot round to
+    zero), with no atomics. Otherwise (for CPUs): the per-class maximum over bytes that view the
+    booleans in place, which copies nothing (on the 2-core machine 6.6 ms, where a float copy of
+    every mask cost 111); on a GPU its scatter retries a compare-and-swap on the word around each
+    byte wherever masks of a class overlap, since there is no atomic maximum of a byte."""
+    import torch
+
+    if not by_product:
+        union = covered.new_zeros((classes, covered.shape[1]), dtype=torch.uint8)
+        union.index_reduce_(0, class_of_mask, covered.view(torch.uint8), "amax")
+        return union.sum(1, dtype=torch.int64)
+    dtype = torch.bfloat16 if covered.is_cuda else torch.float32
+    members = (class_of_mask[None, :] == torch.arange(classes, device=covered.device)[:, None]).to(dtype)
+    counts = [((members @ pixels.to(dtype)) > 0).sum(1) for pixels in covered.split(_UNION_PIXELS_PER_STEP, dim=1)]
+    return torch.stack(counts).sum(0)
 
 
 def instance_rows(detections: Detections, categories: tuple[str, ...]) -> tuple[list[dict], list[dict]]:

@@ -13,6 +13,7 @@ import pycocotools.mask as coco_mask
 import pytest
 import torch
 
+from pipeline import encode
 from pipeline.encode import (
     encode_class_map,
     encode_mask,
@@ -25,6 +26,7 @@ from pipeline.encode import (
     results_table,
     semantic_rows,
     summarize_detections,
+    union_pixels_of_classes,
 )
 from pipeline.schema import CLASS_STATS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, RESULTS_SCHEMA, nest, rows_to_table, unnest
 
@@ -138,6 +140,22 @@ def test_union_areas_of_many_overlapping_masks_equal_numpys() -> None:
     boxes, scores = torch.zeros((40, 4)), torch.ones(40)
     detections = summarize_detections(boxes, torch.from_numpy(labels), scores, torch.from_numpy(masks), height=30, width=20)
     assert detections.class_pixels == {label: int(masks[labels == label].any(0).sum()) for label in (1, 3, 5)}
+
+
+@pytest.mark.parametrize("by_product", [False, True], ids=["maximum (CPUs)", "product (GPUs)"])
+def test_both_ways_to_the_union_areas_agree_with_numpy(by_product: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encode, "_UNION_PIXELS_PER_STEP", 256)  # several steps of the product
+    rng = np.random.default_rng(6)
+    masks = rng.random((60, 37, 29)) > 0.7
+    class_of_mask = rng.integers(0, 7, size=60)
+    class_of_mask[class_of_mask == 4] = 5  # a class without masks
+    union = union_pixels_of_classes(
+        torch.from_numpy(masks).reshape(60, -1), torch.from_numpy(class_of_mask), 7, by_product=by_product
+    )
+    assert union.dtype == torch.int64
+    assert union.tolist() == [int(masks[class_of_mask == c].any(0).sum()) for c in range(7)]
+    nothing = union_pixels_of_classes(torch.zeros((0, 50), dtype=torch.bool), torch.zeros(0, dtype=torch.int64), 0, by_product=by_product)
+    assert nothing.tolist() == []
 
 
 def test_detection_rows_are_boxes_without_masks() -> None:
