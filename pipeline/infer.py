@@ -439,7 +439,8 @@ def predict_class_maps(
         batch_logits = batch_logits[..., : batch_input.shape[-2], : batch_input.shape[-1]]
         images_per_step = max(1, _UPSAMPLED_LOGITS_PER_STEP // (classes * height * width))
         class_maps.append(torch.cat([
-            nn_functional.interpolate(step, size=(height, width), mode="bilinear", align_corners=False).argmax(1).to(class_type)
+            # max's indices are argmax's (the first of equal maxima), and on CPUs 4x faster over the channels
+            nn_functional.interpolate(step, size=(height, width), mode="bilinear", align_corners=False).max(1).indices.to(class_type)
             for step in batch_logits.split(images_per_step)
         ]))  # fmt: skip
     return class_maps
