@@ -221,7 +221,9 @@ def end_to_end(
     directory: Path, output: Path, model_name: str, weights: str, *, device: str, batch_size: int, settings: dict
 ) -> dict:
     """Images/s of ``segpipe run`` from the files to the committed manifest (Ray already started);
-    ``settings``: more of its :class:`RunConfig` fields."""
+    ``settings``: more of its :class:`RunConfig` fields. ``output`` starts empty: a run committed
+    there before would be skipped, and its files would be taken for this run's."""
+    shutil.rmtree(output, ignore_errors=True)
     config = RunConfig(input=str(directory), output=str(output), model=model_name, weights=weights, device=device,
                        batch_size=batch_size, run_date=dt.date(2026, 1, 1), max_error_rate=1.0, **settings)  # fmt: skip
     sampler = GpuSampler() if device == "cuda" and shutil.which("nvidia-smi") else None
@@ -294,6 +296,7 @@ def baseline(directory: Path, output: Path, model_name: str, weights: str, *, de
         return None
     preprocessing = resolve_weights(weights, spec).preprocessing
     actors = max(1, int(ray.cluster_resources().get("GPU", 0))) if device == "cuda" else 1
+    shutil.rmtree(output, ignore_errors=True)
     started = time.perf_counter()
     (
         ray.data.read_images(str(directory), mode="RGB")

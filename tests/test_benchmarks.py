@@ -67,6 +67,9 @@ def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
     # where the wait before the first shard went: getting the actor up, then the shard's own stages
     assert 0 < figures["end_to_end_actors_ready_seconds"] < figures["end_to_end_first_shard_seconds"]
     assert set(figures["end_to_end_first_shard_stage_seconds"]) == set(figures["end_to_end_stage_seconds"])
+    # again in the same --workdir: the JPEGs are reused, the run is done afresh, not found committed
+    again = _throughput("unet", tmp_path, "--skip-baseline")
+    assert again["ok_images"] == 8 and 0 < again["end_to_end_actors_ready_seconds"] < again["end_to_end_first_shard_seconds"]
 
 
 @pytest.mark.slow
