@@ -3,7 +3,8 @@ synthetic shapes (what the shipped ``shapes`` weights segment correctly).
 
 Decode cost depends on content, so the photos are real photo content, not smooth noise; the
 same ``seed`` gives the same bytes, so files already there are kept (a second benchmark in the
-same ``--workdir`` reuses them), and the rest are made by one process per CPU. Corpora larger
+same ``--workdir`` reuses them: each size, seed and quality has a folder of its own, which holds
+exactly the images asked for), and the rest are made by one process per CPU. Corpora larger
 than :data:`DISTINCT_IMAGES` repeat them through hard links, so that runs long enough to
 amortise start-up cost seconds to set up.
 """
@@ -54,6 +55,7 @@ def _shapes(rng: np.random.Generator, index: int, width: int, height: int) -> Im
 
 def _write_all(prefix: str, make: Callable[..., Image.Image], directory: Path, *, count: int, width: int, height: int,
                seed: int, quality: int) -> Path:  # fmt: skip
+    directory = directory / f"{prefix}-{width}x{height}-seed{seed}-quality{quality}"
     directory.mkdir(parents=True, exist_ok=True)
     made = min(count, DISTINCT_IMAGES)
     missing = [index for index in range(made) if not _path(directory, prefix, index).exists()]
@@ -63,6 +65,9 @@ def _write_all(prefix: str, make: Callable[..., Image.Image], directory: Path, *
         link = _path(directory, prefix, index)
         if not link.exists():
             os.link(_path(directory, prefix, index % made), link)
+    for path in directory.glob(f"{prefix}-*.jpg"):  # left by a larger count: the runs read the whole folder
+        if int(path.stem.rpartition("-")[2]) >= count:
+            path.unlink()
     return directory
 
 
@@ -77,12 +82,13 @@ def _path(directory: Path, prefix: str, index: int) -> Path:
 
 
 def write_jpegs(directory: Path, *, count: int, width: int, height: int, seed: int = 0, quality: int = 90) -> Path:
-    """``count`` JPEGs of ``width`` x ``height`` under ``directory`` (created); returns it."""
+    """A folder under ``directory`` (one per size, seed and quality) holding exactly ``count``
+    JPEGs of ``width`` x ``height``; returns it."""
     return _write_all("image", _photo, directory, count=count, width=width, height=height, seed=seed, quality=quality)
 
 
 def write_shapes(directory: Path, *, count: int, width: int, height: int, seed: int = 0, quality: int = 90) -> Path:
-    """``count`` JPEGs of synthetic shapes, ``width`` x ``height``, under ``directory``; returns it."""
+    """As :func:`write_jpegs`, of synthetic shapes."""
     return _write_all("shapes", _shapes, directory, count=count, width=width, height=height, seed=seed, quality=quality)
 
 

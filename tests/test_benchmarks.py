@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from benchmarks import corpus
 from benchmarks.corpus import write_jpegs
@@ -32,6 +33,14 @@ def test_large_corpora_repeat_their_distinct_images_as_hard_links(tmp_path: Path
     files = sorted(write_jpegs(tmp_path, count=5, width=32, height=24).iterdir())
     assert len(files) == 5 and len({path.stat().st_ino for path in files}) == 2
     assert files[4].read_bytes() == files[0].read_bytes()
+
+
+def test_a_reused_folder_gives_exactly_the_images_asked_for(tmp_path: Path) -> None:
+    larger = write_jpegs(tmp_path, count=5, width=32, height=24)
+    smaller = write_jpegs(tmp_path, count=3, width=32, height=24)
+    assert smaller == larger and len(list(smaller.iterdir())) == 3  # a run reads the whole folder
+    other_size = write_jpegs(tmp_path, count=2, width=16, height=12)
+    assert other_size != smaller and {Image.open(path).size for path in other_size.iterdir()} == {(16, 12)}
 
 
 def test_tree_pss_counts_this_process() -> None:
