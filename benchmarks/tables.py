@@ -28,8 +28,8 @@ def shard_outputs(images: int, runs: int, width: int, height: int, *, seed: int 
     outputs = []
     for index in range(images):
         starts = np.sort(rng.choice(np.arange(1, width * height), runs - 1, replace=False))
-        outputs.append((f"{index:016x}", f"s3://bucket/images/{index}.jpg",
-                        Runs(np.append(0, starts).astype(np.int64), rng.integers(0, 21, runs).astype(np.int64), height, width)))  # fmt: skip
+        runs_of_map = Runs(np.append(0, starts).astype(np.int64), rng.integers(0, 21, runs).astype(np.int64), height, width)
+        outputs.append((f"{index:016x}", f"s3://bucket/images/{index}.jpg", runs_of_map))
     return outputs
 
 
@@ -54,7 +54,8 @@ def main() -> None:
     width, height = parse_size(args.size)
     microseconds = tables_microseconds(shard_outputs(args.images, args.runs, width, height), args.repeat)
     result = {"images": args.images, "runs": args.runs, "size": args.size, "tables_us_per_image": round(microseconds, 1)}
-    print(json.dumps(result) if args.json else f"tables stage: {microseconds:.1f} us per image ({args.images} images of {args.runs} runs)")
+    summary = f"tables stage: {microseconds:.1f} us per image ({args.images} images of {args.runs} runs)"
+    print(json.dumps(result) if args.json else summary)
 
 
 if __name__ == "__main__":

@@ -301,7 +301,8 @@ def _ask_for_gpus(gpus: int) -> float | None:
     nodes busy, and once the run is over the autoscaler can scale them down again."""
     if (joined := _cluster_gpus()) >= gpus:
         return None
-    print(f"segpipe: the Ray cluster has {joined} of {gpus} GPU(s); asked its autoscaler for them, listing the input meanwhile", flush=True)
+    print(f"segpipe: the Ray cluster has {joined} of {gpus} GPU(s); asked its autoscaler for them, "
+          "listing the input meanwhile", flush=True)  # fmt: skip
     request_resources(bundles=[{"GPU": 1}] * gpus)
     return time.monotonic()
 

@@ -226,8 +226,6 @@ def summarize_detections(
 ) -> Detections:
     """:class:`Detections` of one image from its tensors (``masks``: boolean ``(K, H, W)``), with
     the runs and the union areas computed on the tensors' device."""
-    import torch
-
     covered = masks if masks is not None else _box_masks(boxes, height, width)
     classes, class_of_mask = labels.unique(return_inverse=True)
     covered = covered.reshape(len(labels), height * width)

@@ -440,7 +440,8 @@ def predict_class_maps(
         images_per_step = max(1, _UPSAMPLED_LOGITS_PER_STEP // (classes * height * width))
         class_maps.append(torch.cat([
             # max's indices are argmax's (the first of equal maxima), and on CPUs 4x faster over the channels
-            nn_functional.interpolate(step, size=(height, width), mode="bilinear", align_corners=False).max(1).indices.to(class_type)
+            nn_functional.interpolate(step, size=(height, width), mode="bilinear", align_corners=False)
+            .max(1).indices.to(class_type)
             for step in batch_logits.split(images_per_step)
         ]))  # fmt: skip
     return class_maps

@@ -154,7 +154,8 @@ def test_both_ways_to_the_union_areas_agree_with_numpy(by_product: bool, monkeyp
     )
     assert union.dtype == torch.int64
     assert union.tolist() == [int(masks[class_of_mask == c].any(0).sum()) for c in range(7)]
-    nothing = union_pixels_of_classes(torch.zeros((0, 50), dtype=torch.bool), torch.zeros(0, dtype=torch.int64), 0, by_product=by_product)
+    no_masks, no_classes = torch.zeros((0, 50), dtype=torch.bool), torch.zeros(0, dtype=torch.int64)
+    nothing = union_pixels_of_classes(no_masks, no_classes, 0, by_product=by_product)
     assert nothing.tolist() == []
 
 
