@@ -33,10 +33,11 @@ def _rows(output: Path, table: str) -> list[dict]:
 
 @pytest.mark.parametrize("name", [spec.name for spec in list_models()])
 def test_every_model_runs_with_random_weights(name: str, two_images: Path, tmp_path: Path) -> None:
-    manifest = run(RunConfig(input=str(two_images), output=str(tmp_path), model=name, weights="random", batch_size=2))
+    # one image: on two cores the larger networks take 3 to 6 s per image
+    manifest = run(RunConfig(input=str(two_images), output=str(tmp_path), model=name, weights="random", limit=1))
     images = _rows(tmp_path, "images")
-    assert [row["status"] for row in images] == ["ok", "ok"]
-    assert manifest["counts"]["ok"] == 2 and manifest["model"]["task"] == get_model_spec(name).task
+    assert [row["status"] for row in images] == ["ok"]
+    assert manifest["counts"]["ok"] == 1 and manifest["model"]["task"] == get_model_spec(name).task
     expected_kind = {"semantic": "class", "instance": "instance", "detection": "box"}[manifest["model"]["task"]]
     assert {row["kind"] for row in _rows(tmp_path, "masks")} <= {expected_kind}
 
