@@ -1,5 +1,5 @@
-"""Every registered model runs through `segpipe run` with random weights, and Faster R-CNN
-writes box rows."""
+"""Every registered model runs through `segpipe run` with random weights (up to four of a task
+in one pipeline, as a job spec's `models` runs them), and Faster R-CNN writes box rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import duckdb
 import pytest
 import torch
 
-from jobs.run import run
+from jobs.run import run, run_all
 from jobs.sample import encode, photos
 from models import get_model_spec, list_models
 from pipeline.config import RunConfig
@@ -31,15 +31,26 @@ def _rows(output: Path, table: str) -> list[dict]:
     return duckdb.sql(query).fetch_arrow_table().to_pylist()
 
 
-@pytest.mark.parametrize("name", [spec.name for spec in list_models()])
-def test_every_model_runs_with_random_weights(name: str, two_images: Path, tmp_path: Path) -> None:
+def _groups(most: int) -> list[list[str]]:
+    """The registered models by task, ``most`` to a group, in the registry's order."""
+    by_task: dict[str, list[str]] = {}
+    for spec in list_models():
+        by_task.setdefault(spec.task, []).append(spec.name)
+    return [names[first : first + most] for names in by_task.values() for first in range(0, len(names), most)]
+
+
+# Four models through one pipeline, as a job spec's `models` runs them: one actor start for four.
+@pytest.mark.parametrize("names", _groups(4), ids="+".join)
+def test_every_model_runs_with_random_weights(names: list[str], two_images: Path, tmp_path: Path) -> None:
     # one image: on two cores the larger networks take 3 to 6 s per image
-    manifest = run(RunConfig(input=str(two_images), output=str(tmp_path), model=name, weights="random", limit=1))
-    images = _rows(tmp_path, "images")
-    assert [row["status"] for row in images] == ["ok"]
-    assert manifest["counts"]["ok"] == 1 and manifest["model"]["task"] == get_model_spec(name).task
-    expected_kind = {"semantic": "class", "instance": "instance", "detection": "box"}[manifest["model"]["task"]]
-    assert {row["kind"] for row in _rows(tmp_path, "masks")} <= {expected_kind}
+    configs = [RunConfig(input=str(two_images), output=str(tmp_path), model=name, weights="random", limit=1) for name in names]
+    manifests = run_all(configs)
+    images, masks = _rows(tmp_path, "images"), _rows(tmp_path, "masks")
+    for name, manifest in zip(names, manifests):
+        assert [row["status"] for row in images if row["model"] == name] == ["ok"], name
+        assert manifest["counts"]["ok"] == 1 and manifest["model"]["task"] == get_model_spec(name).task, name
+        expected_kind = {"semantic": "class", "instance": "instance", "detection": "box"}[manifest["model"]["task"]]
+        assert {row["kind"] for row in masks if row["model"] == name} <= {expected_kind}, name
 
 
 def test_faster_rcnn_writes_box_rows_without_masks(two_images: Path, tmp_path: Path) -> None:
