@@ -421,17 +421,19 @@ def _execute(
             fn_kwargs={"output": config.output, "run_date": config.run_date},
         )
     )
-    return _with_progress(dataset.iter_rows(), len(shards) * len(plans))
+    return _with_progress(dataset.iter_rows(), len(shards), runs=len(plans))
 
 
-def _with_progress(rows: Iterator[dict], total: int) -> Iterator[dict]:
-    """``rows``; when stdout is no terminal (a log file, a scheduler), one line per written
-    shard stands in for Ray Data's progress bars: from the second on, with the images/s since
-    the first (start-up left out) and the time left at that pace."""
+def _with_progress(rows: Iterator[dict], shards: int, *, runs: int) -> Iterator[dict]:
+    """``rows`` (one per shard and run); when stdout is no terminal (a log file, a scheduler),
+    one line per written row stands in for Ray Data's progress bars: from the second on, with the
+    images/s since the first (start-up left out; an image that several runs share counts once)
+    and the time left at that pace."""
+    total = shards * runs
     log_lines = not sys.stdout.isatty()
     started = time.monotonic()
     first_written_at: float | None = None
-    images_since_first = 0
+    images_since_first = 0.0
     for done, row in enumerate(rows, start=1):
         if log_lines:
             now = time.monotonic()
@@ -439,7 +441,7 @@ def _with_progress(rows: Iterator[dict], total: int) -> Iterator[dict]:
             if first_written_at is None:
                 first_written_at = now
             elif now > first_written_at:
-                images_since_first += row["images"]
+                images_since_first += row["images"] / runs
                 seconds_per_shard = (now - first_written_at) / (done - 1)
                 line += (f"; {images_since_first / (now - first_written_at):.1f} images/s, "
                          f"about {_duration(seconds_per_shard * (total - done))} left")  # fmt: skip

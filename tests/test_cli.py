@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+import jobs.run as run_module
 from jobs.cli import main
 from jobs.sample import build_sample
 from pipeline.config import RunConfig
@@ -142,6 +145,20 @@ def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
     assert [line.split(" written")[0] for line in progress] == [f"segpipe: shard {done}/3" for done in (1, 2, 3)]
     assert "images/s" not in progress[0] and all(re.search(r"; [\d.]+ images/s, about \d+ s left$", line) for line in progress[1:])
     _check_query(tmp_path / "out", tmp_path)
+
+
+def test_progress_lines_count_an_image_that_several_models_share_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clock = itertools.count()  # one second per look at the clock: the start, then one per written row
+    monkeypatch.setattr(run_module, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    rows = [{"images": 10, "ok": 10}] * 6  # two shards of ten images, each written by three models' runs
+    assert list(run_module._with_progress(iter(rows), 2, runs=3)) == rows
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "segpipe: shard 1/6 written (10 images, 10 ok) after 1 s"
+    # a row a second, and each of a shard's three rows brings a third of its ten images
+    assert lines[1].endswith("after 2 s; 3.3 images/s, about 4 s left")
+    assert lines[5].endswith("after 6 s; 3.3 images/s, about 0 s left")
 
 
 def _check_query(output: Path, tmp_path: Path) -> None:
