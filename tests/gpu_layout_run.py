@@ -81,7 +81,7 @@ def from_zero(archive: Path, output: Path) -> dict:
             outcome["request_while_listing"] = _autoscaler_request()
             listing.set()
             if joins == "while listing":  # a listing that lasts until the node has joined
-                while ray.cluster_resources().get("GPU", 0) < gpus:
+                while run_module._cluster_gpus() < gpus:
                     time.sleep(0.1)
             shards = list_shards(*args, **kwargs)
             listed.set()
