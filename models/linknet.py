@@ -67,4 +67,4 @@ def linknet(*, num_classes: int) -> LinkNet:
     return LinkNet(num_classes=num_classes)
 
 
-register_model(seed_semantic_spec("linknet", linknet))
+register_model(seed_semantic_spec("linknet", linknet, cpu_channels_last=True))

@@ -61,4 +61,4 @@ def pspnet(*, num_classes: int) -> PSPNet:
     return PSPNet(num_classes=num_classes)
 
 
-register_model(seed_semantic_spec("pspnet", pspnet))
+register_model(seed_semantic_spec("pspnet", pspnet, cpu_channels_last=False))

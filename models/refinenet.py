@@ -102,4 +102,4 @@ def refinenet(*, num_classes: int) -> RefineNet:
     return RefineNet(num_classes=num_classes)
 
 
-register_model(seed_semantic_spec("refinenet", refinenet))
+register_model(seed_semantic_spec("refinenet", refinenet, cpu_channels_last=True))

@@ -73,7 +73,7 @@ class CudaExecution:
     """How a model runs fastest on a CUDA GPU, as ``benchmarks/throughput.py`` measured it on an
     H100: ``bf16`` runs it under bfloat16 autocast (``--precision auto``), ``channels_last``
     hands it NHWC input. Both differ by model: channels_last speeds up ResNets and slows
-    MobileNets. On the CPU every model runs in float32."""
+    MobileNets. On the CPU every model runs in float32 (see :attr:`ModelSpec.cpu_channels_last`)."""
 
     bf16: bool = False
     channels_last: bool = False
@@ -96,6 +96,11 @@ class ModelSpec:
     presets: Mapping[str, Path] = field(default_factory=dict)
     """Weights files shipped with segpipe, by preset name (each with its ``.json`` sidecar)."""
     cuda: CudaExecution = CudaExecution()
+    cpu_channels_last: bool = False
+    """Whether the model runs on NHWC input on CPUs, where oneDNN's NHWC convolutions measured
+    faster for it (``benchmarks/BENCHMARKS.md``, 2-core x86 machine): 1.1x to 1.6x for
+    MobileNets, DeepLabV3's ResNets and segpipe's U-Net, LinkNet and RefineNet; not for FCN,
+    PSPNet or the R-CNN family."""
 
     @property
     def num_classes(self) -> int:
@@ -131,6 +136,7 @@ def torchvision_spec(
     task: Task,
     preprocessing: Preprocessing,
     cuda: CudaExecution,
+    cpu_channels_last: bool = False,
 ) -> ModelSpec:
     """A spec for a torchvision builder, named and labelled as torchvision names and labels it."""
     return ModelSpec(
@@ -141,10 +147,11 @@ def torchvision_spec(
         preprocessing=preprocessing,
         torchvision_weights=weights,
         cuda=cuda,
+        cpu_channels_last=cpu_channels_last,
     )
 
 
-def seed_semantic_spec(name: str, builder: Callable[..., nn.Module], **presets: Path) -> ModelSpec:
+def seed_semantic_spec(name: str, builder: Callable[..., nn.Module], *, cpu_channels_last: bool, **presets: Path) -> ModelSpec:
     """A spec for one of segpipe's own semantic architectures: VOC categories and torchvision's
     semantic preprocessing until trained weights bring their own (``presets``: name -> file)."""
     return ModelSpec(
@@ -154,6 +161,7 @@ def seed_semantic_spec(name: str, builder: Callable[..., nn.Module], **presets: 
         categories=VOC_CATEGORIES,
         preprocessing=SEMANTIC_PREPROCESSING,
         presets=presets,
+        cpu_channels_last=cpu_channels_last,
     )
 
 

@@ -13,14 +13,17 @@ from models.registry import SEMANTIC_PREPROCESSING, CudaExecution, register_mode
 _RESNET = CudaExecution(bf16=True, channels_last=True)
 _MOBILENET = CudaExecution(bf16=True, channels_last=False)
 
-for _builder, _weights, _cuda in [
-    (tv.fcn_resnet50, tv.FCN_ResNet50_Weights, _RESNET),
-    (tv.fcn_resnet101, tv.FCN_ResNet101_Weights, _RESNET),
-    (tv.deeplabv3_resnet50, tv.DeepLabV3_ResNet50_Weights, _RESNET),
-    (tv.deeplabv3_resnet101, tv.DeepLabV3_ResNet101_Weights, _RESNET),
-    (tv.deeplabv3_mobilenet_v3_large, tv.DeepLabV3_MobileNet_V3_Large_Weights, _MOBILENET),
-    (tv.lraspp_mobilenet_v3_large, tv.LRASPP_MobileNet_V3_Large_Weights, _MOBILENET),
+# the last column: NHWC input on CPUs, where it measured at least 1.1x faster (FCN: 0.98x to 1.06x)
+for _builder, _weights, _cuda, _cpu_channels_last in [
+    (tv.fcn_resnet50, tv.FCN_ResNet50_Weights, _RESNET, False),
+    (tv.fcn_resnet101, tv.FCN_ResNet101_Weights, _RESNET, False),
+    (tv.deeplabv3_resnet50, tv.DeepLabV3_ResNet50_Weights, _RESNET, True),
+    (tv.deeplabv3_resnet101, tv.DeepLabV3_ResNet101_Weights, _RESNET, True),
+    (tv.deeplabv3_mobilenet_v3_large, tv.DeepLabV3_MobileNet_V3_Large_Weights, _MOBILENET, True),
+    (tv.lraspp_mobilenet_v3_large, tv.LRASPP_MobileNet_V3_Large_Weights, _MOBILENET, True),
 ]:
     register_model(
-        torchvision_spec(_builder, _weights, task="semantic", preprocessing=SEMANTIC_PREPROCESSING, cuda=_cuda)
+        torchvision_spec(
+            _builder, _weights, task="semantic", preprocessing=SEMANTIC_PREPROCESSING, cuda=_cuda, cpu_channels_last=_cpu_channels_last
+        )
     )

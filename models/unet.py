@@ -54,4 +54,4 @@ def unet(*, num_classes: int) -> UNet:
     return UNet(num_classes=num_classes)
 
 
-register_model(seed_semantic_spec("unet", unet, shapes=PRESETS / "unet-shapes.safetensors"))
+register_model(seed_semantic_spec("unet", unet, cpu_channels_last=True, shapes=PRESETS / "unet-shapes.safetensors"))

@@ -394,7 +394,7 @@ def execution(spec: ModelSpec, precision: str, device: torch.device) -> tuple[bo
     ``--precision precision`` on ``device``."""
     on_cuda = device.type == "cuda"
     bf16 = on_cuda and (precision == "bf16" or (precision == "auto" and spec.cuda.bf16))
-    return bf16, on_cuda and spec.cuda.channels_last
+    return bf16, spec.cuda.channels_last if on_cuda else spec.cpu_channels_last
 
 
 def model_input(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:

@@ -22,7 +22,7 @@ from jobs.sample import encode, photos, shape_pngs
 from models import Weights, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.encode import encode_shards
-from pipeline.infer import SegmentShards, execution
+from pipeline.infer import SegmentShards, execution, predict_class_maps
 from pipeline.listing import list_shards
 from pipeline.read import read_shards
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, unnest
@@ -162,8 +162,23 @@ def test_a_compiled_network_writes_the_rows_of_the_eager_one(tmp_path: Path, mod
         ("unet", "auto", "cuda", (False, False)),  # segpipe's own: fp32 until measured otherwise
         ("unet", "bf16", "cuda", (True, False)),
         ("deeplabv3_resnet50", "fp32", "cuda", (False, True)),
-        ("deeplabv3_resnet50", "bf16", "cpu", (False, False)),  # CPUs always run fp32
+        ("deeplabv3_resnet50", "bf16", "cpu", (False, True)),  # CPUs always run fp32
+        ("lraspp_mobilenet_v3_large", "auto", "cpu", (False, True)),  # NHWC per model on CPUs too, but not as on GPUs
+        ("fcn_resnet50", "auto", "cpu", (False, False)),
+        ("unet", "auto", "cpu", (False, True)),
     ],
 )
 def test_precision_picks_autocast_and_memory_format_per_model(model: str, precision: str, device: str, expected: tuple) -> None:
     assert execution(get_model_spec(model), precision, torch.device(device)) == expected
+
+
+def test_channels_last_on_the_cpu_gives_the_class_maps_of_nchw() -> None:
+    spec = get_model_spec("unet")
+    loaded = resolve_weights("shapes", spec)  # trained: maps of several classes, not one class everywhere
+    network = loaded.build(spec)
+    batch = torch.stack([torch.from_numpy(pixels[:240, :320].copy()).permute(2, 0, 1) for pixels in photos().values()])
+    assert execution(spec, "auto", torch.device("cpu")) == (False, True)
+    with torch.inference_mode():
+        nchw = predict_class_maps(network, [batch], loaded.preprocessing)[0]
+        nhwc = predict_class_maps(network.to(memory_format=torch.channels_last), [batch], loaded.preprocessing, channels_last=True)[0]
+    assert len(torch.unique(nchw)) > 1 and torch.equal(nhwc, nchw)
