@@ -352,11 +352,29 @@ def _plan_actors(config: RunConfig) -> tuple[str, int, dict]:
     if wants_gpus or (config.device == "auto" and gpus > 0):
         actors = config.actors or gpus * math.ceil(_SHARDS_PER_GPU / config.threads_per_actor)
         return "cuda", actors, {"num_gpus": min(1.0, gpus / actors), "num_cpus": _gpu_actor_cpus(config, actors / gpus)}
-    actors = config.actors or 1
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    # Leave room for the I/O-bound read and write tasks; the actors share the rest for torch threads.
-    reserved = 1.0 if cpus >= 2 else _IO_TASK_CPUS
-    return "cpu", actors, {"num_cpus": max(_IO_TASK_CPUS, (cpus - reserved) / actors)}
+    actors, cpus = _cpu_actors(config.actors)
+    return "cpu", actors, {"num_cpus": cpus}
+
+
+def _cpu_actors(asked: int | None) -> tuple[int, float]:
+    """CPU actors, and the CPUs each asks for: on every node, the read and write tasks keep a
+    CPU (half of a node of one) and the actors share the rest for torch's threads. By default
+    one actor on each of the largest nodes, taking its rest; ``asked`` actors share all nodes'
+    rests, none larger than the largest. (An actor larger than every node would wait forever: the
+    whole cluster's CPUs less one, as they were once, never fit a cluster of several nodes.)"""
+    rests = [cpus - (1.0 if cpus >= 2 else _IO_TASK_CPUS) for cpus in _node_cpus()] or [_IO_TASK_CPUS]
+    if asked is None:
+        return sum(rest == max(rests) for rest in rests), max(rests)
+    return asked, _resource_amount(max(_IO_TASK_CPUS, min(max(rests), sum(rests) / asked)))
+
+
+def _node_cpus() -> list[float]:
+    return [node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")]
+
+
+def _resource_amount(amount: float) -> float:
+    """``amount`` rounded down to Ray's resource granularity."""
+    return math.floor(amount * 10_000) / 10_000
 
 
 def _gpu_actor_cpus(config: RunConfig, actors_per_gpu: float) -> float:
@@ -369,8 +387,7 @@ def _gpu_actor_cpus(config: RunConfig, actors_per_gpu: float) -> float:
     cpus_per_gpu = min(
         node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU")
     )
-    cpus = min(float(config.threads_per_actor), cpus_per_gpu / 2 / max(1.0, actors_per_gpu))
-    return math.floor(cpus * 10_000) / 10_000  # Ray's resource granularity
+    return _resource_amount(min(float(config.threads_per_actor), cpus_per_gpu / 2 / max(1.0, actors_per_gpu)))
 
 
 def _execute(

@@ -81,8 +81,8 @@ class RunConfig(BaseModel):
     actors: PositiveInt | None = Field(
         None,
         description="model actors in the pool (default: four per GPU divided by threads_per_actor, rounded up, sharing it "
-        "so that one's host work (decoding, copying results to the host) overlaps the others' GPU work; one on CPU-only "
-        "clusters)",
+        "so that one's host work (decoding, copying results to the host) overlaps the others' GPU work; on CPU-only "
+        "clusters, one on each of the largest nodes)",
     )
     threads_per_actor: PositiveInt = Field(
         1,

@@ -1,11 +1,13 @@
 """Run by tests/test_faults.py in a process of its own: a Ray cluster of a head and two worker
 nodes on this machine (``ray.cluster_utils.Cluster``). One segpipe run loses its model actor's
 process, a second loses a whole worker node, each once three shards are written; then a clean
-run follows on the surviving nodes.
+run follows on the surviving nodes. Every run plans its CPU actors as segpipe does by default
+(one on each of the largest nodes: once, a single actor asked for the whole cluster's CPUs less
+one, which no node had, and waited forever).
 
 Usage: ``python tests/multinode_run.py ARCHIVE OUTPUT``; writes the runs under
-``OUTPUT/{actor_killed,node_lost,clean}`` and prints a line ``RESULT {json}`` with the shards
-written when each fault struck and each run's counts.
+``OUTPUT/{actor_killed,node_lost,clean}`` and prints a line ``RESULT {json}`` with the actors
+planned on the whole cluster, the shards written when each fault struck and each run's counts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from jobs.run import run
+from jobs.run import _plan_actors, run
 from pipeline.config import RunConfig
 
 
@@ -70,17 +72,17 @@ def main(archive: str, output: Path) -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="WARNING")
     settings = {"input": archive, "model": "lraspp_mobilenet_v3_large", "weights": "random", "files_per_shard": 1,
-                "run_date": dt.date(2026, 11, 22), "actors": 2}  # fmt: skip
+                "run_date": dt.date(2026, 11, 22)}  # fmt: skip
 
     def kill_the_model_actors() -> None:
         for pid in model_actor_pids():
             os.kill(pid, signal.SIGKILL)
 
-    report = {}
+    report = {"plan": _plan_actors(RunConfig(output=str(output / "plan"), **settings))}
     for name, fault in (("actor_killed", kill_the_model_actors), ("node_lost", lambda: cluster.remove_node(workers[0]))):
         manifest, struck_at = run_with_fault(RunConfig(output=str(output / name), **settings), fault)
         report[name] = {"struck_at": struck_at, "counts": manifest["counts"]}
-    clean = run(RunConfig(output=str(output / "clean"), **{**settings, "actors": 1}))
+    clean = run(RunConfig(output=str(output / "clean"), **settings))
     report["clean"] = {"counts": clean["counts"]}
     print("RESULT", json.dumps(report), flush=True)
     ray.shutdown()
