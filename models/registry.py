@@ -99,8 +99,8 @@ class ModelSpec:
     cpu_channels_last: bool = False
     """Whether the model runs on NHWC input on CPUs, where oneDNN's NHWC convolutions measured
     faster for it (``benchmarks/BENCHMARKS.md``, 2-core x86 machine): 1.1x to 1.6x for
-    MobileNets, DeepLabV3's ResNets and segpipe's U-Net, LinkNet and RefineNet; not for FCN,
-    PSPNet or the R-CNN family."""
+    DeepLabV3 (ResNets and MobileNet), LR-ASPP and segpipe's U-Net, LinkNet and RefineNet; not
+    for FCN, PSPNet or the R-CNN family."""
 
     @property
     def num_classes(self) -> int:
