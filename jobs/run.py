@@ -362,14 +362,17 @@ def _cpu_actors(asked: int | None) -> tuple[int, float]:
     one actor on each of the largest nodes, taking its rest; ``asked`` actors share all nodes'
     rests, none larger than the largest. (An actor larger than every node would wait forever: the
     whole cluster's CPUs less one, as they were once, never fit a cluster of several nodes.)"""
-    rests = [cpus - (1.0 if cpus >= 2 else _IO_TASK_CPUS) for cpus in _node_cpus()] or [_IO_TASK_CPUS]
+    node_cpus = [resources["CPU"] for resources in _alive_node_resources() if resources.get("CPU")]
+    rests = [cpus - (1.0 if cpus >= 2 else _IO_TASK_CPUS) for cpus in node_cpus] or [_IO_TASK_CPUS]
+    largest = max(rests)
     if asked is None:
-        return sum(rest == max(rests) for rest in rests), max(rests)
-    return asked, _resource_amount(max(_IO_TASK_CPUS, min(max(rests), sum(rests) / asked)))
+        return rests.count(largest), largest
+    return asked, _resource_amount(max(_IO_TASK_CPUS, min(largest, sum(rests) / asked)))
 
 
-def _node_cpus() -> list[float]:
-    return [node["Resources"]["CPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")]
+def _alive_node_resources() -> list[dict[str, float]]:
+    """Each live node's Ray resources."""
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
 def _resource_amount(amount: float) -> float:
@@ -384,9 +387,7 @@ def _gpu_actor_cpus(config: RunConfig, actors_per_gpu: float) -> float:
     The CPUs must be named: Ray places an actor that names none on a CPU of its own, which Ray
     Data does not count, so four of them on a node of 4 CPUs and one GPU took every CPU, the read
     tasks never ran, and the run waited forever."""
-    cpus_per_gpu = min(
-        node["Resources"].get("CPU", 0.0) / node["Resources"]["GPU"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU")
-    )
+    cpus_per_gpu = min(resources.get("CPU", 0.0) / resources["GPU"] for resources in _alive_node_resources() if resources.get("GPU"))
     return _resource_amount(min(float(config.threads_per_actor), cpus_per_gpu / 2 / max(1.0, actors_per_gpu)))
 
 
