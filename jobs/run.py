@@ -49,6 +49,7 @@ _SHARDS_PER_GPU = 4
 """Shards that the default pool works on at once on each GPU: four actors, or fewer with threads."""
 _GPU_POLL_SECONDS = 2.0
 _GPU_PROGRESS_SECONDS = 30.0
+_SECONDS_BEFORE_A_PACE = 1.0  # after the first shard: progress lines give no pace before it
 _RUN_ID_FIELDS = (
     "input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels",
     "incremental", "precision", "pad_to_multiple", "compile",
@@ -444,9 +445,10 @@ def _execute(
 
 def _with_progress(rows: Iterator[dict], shards: int, *, runs: int) -> Iterator[dict]:
     """``rows`` (one per shard and run); when stdout is no terminal (a log file, a scheduler),
-    one line per written row stands in for Ray Data's progress bars: from the second on, with the
-    images/s since the first (start-up left out; an image that several runs share counts once)
-    and the time left at that pace."""
+    one line per written row stands in for Ray Data's progress bars: once a second has passed
+    since the first, with the images/s since it (start-up left out; an image that several runs
+    share counts once) and the time left at that pace. Actors that started together write their
+    first shards together, so a pace over less time would count that burst as the rate."""
     total = shards * runs
     log_lines = not sys.stdout.isatty()
     started = time.monotonic()
@@ -458,8 +460,9 @@ def _with_progress(rows: Iterator[dict], shards: int, *, runs: int) -> Iterator[
             line = f"segpipe: shard {done}/{total} written ({row['images']} images, {row['ok']} ok) after {now - started:.0f} s"
             if first_written_at is None:
                 first_written_at = now
-            elif now > first_written_at:
+            else:
                 images_since_first += row["images"] / runs
+            if now - first_written_at >= _SECONDS_BEFORE_A_PACE:
                 seconds_per_shard = (now - first_written_at) / (done - 1)
                 line += (f"; {images_since_first / (now - first_written_at):.1f} images/s, "
                          f"about {_duration(seconds_per_shard * (total - done))} left")  # fmt: skip

@@ -140,10 +140,11 @@ def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
         "WHERE run_date = DATE '2026-11-24' AND model = 'lraspp_mobilenet_v3_large'"
     ).fetchall()
     assert images == [(6,)]
-    # stdout is no terminal: a line per written shard, from the second on with the pace and the time left
+    # stdout is no terminal: a line per written shard, a second after the first with the pace and the time left
     progress = [line for line in summary.splitlines() if line.startswith("segpipe: shard ")]
     assert [line.split(" written")[0] for line in progress] == [f"segpipe: shard {done}/3" for done in (1, 2, 3)]
-    assert "images/s" not in progress[0] and all(re.search(r"; [\d.]+ images/s, about \d+ s left$", line) for line in progress[1:])
+    assert "images/s" not in progress[0]
+    assert all(re.search(r"\d+ ok\) after \d+ s(; [\d.]+ images/s, about \d+ s left)?$", line) for line in progress[1:])
     _check_query(tmp_path / "out", tmp_path)
 
 
@@ -159,6 +160,19 @@ def test_progress_lines_count_an_image_that_several_models_share_once(
     # a row a second, and each of a shard's three rows brings a third of its ten images
     assert lines[1].endswith("after 2 s; 3.3 images/s, about 4 s left")
     assert lines[5].endswith("after 6 s; 3.3 images/s, about 0 s left")
+
+
+def test_progress_lines_give_no_pace_for_shards_written_together_with_the_first(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # four actors write their first shards within milliseconds: a pace over that would be 100,000 images/s
+    clock = iter([0.0, 15.0, 15.001, 15.002, 16.0, 17.0])
+    monkeypatch.setattr(run_module, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    rows = [{"images": 64, "ok": 64}] * 5
+    assert list(run_module._with_progress(iter(rows), 5, runs=1)) == rows
+    lines = capsys.readouterr().out.splitlines()
+    assert ["images/s" in line for line in lines] == [False, False, False, True, True]
+    assert lines[3].endswith("after 16 s; 192.0 images/s, about 0 s left")  # the three shards since the first, in its second
 
 
 def _check_query(output: Path, tmp_path: Path) -> None:
