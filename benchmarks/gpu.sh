@@ -14,8 +14,14 @@
 set -u
 # A run stopped at its time limit leaves its local Ray (and any stuck actors) behind, which
 # would hold the GPU and CPUs of the next one: after each, every Ray process on the machine is
-# killed, so run the script on a machine of its own.
-stop_ray() { pkill -9 -f 'raylet|gcs_server|ray::|default_worker.py|dashboard' >/dev/null 2>&1; sleep 1; }
+# killed, so run the script on a machine of its own. The patterns match a command line's start
+# only: a shell whose command merely names these processes (the one that started this script)
+# would match a pattern anywhere in it, and be killed too.
+stop_ray() {
+  pkill -9 -x 'raylet|gcs_server' >/dev/null 2>&1
+  pkill -9 -f '^ray[-:]|^[^ ]*python[^ ]* .*(site-packages/ray/|multiprocessing.forkserver)' >/dev/null 2>&1
+  sleep 1
+}
 out=${OUT:-bench-out}
 corpora=$(mktemp -d); trap 'rm -rf "$corpora"' EXIT
 mkdir -p "$out"
