@@ -253,8 +253,8 @@ def end_to_end(
         "raw_class_map_bytes_per_rle_byte": raw_class_map_bytes / rle_bytes if rle_bytes else None,
         **{
             figure: manifest["timings"][figure]
-            for figure in ("actors_ready_seconds", "actor_process_started_seconds", "actor_imported_seconds", "actor_startup_seconds",
-                           "first_shard_stage_seconds", "stage_seconds")
+            for figure in ("actors_ready_seconds", "actor_process_started_seconds", "actor_import_started_seconds", "actor_imported_seconds",
+                           "actor_startup_seconds", "first_shard_stage_seconds", "stage_seconds")
         },
         **(sampler.summary() if sampler is not None else {"gpu_busy_percent": None, "peak_gpu_memory_mib": None}),
     }
@@ -379,6 +379,7 @@ def measure(
         "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
         "end_to_end_actors_ready_seconds": whole["actors_ready_seconds"],
         "end_to_end_actor_process_started_seconds": whole["actor_process_started_seconds"],
+        "end_to_end_actor_import_started_seconds": whole["actor_import_started_seconds"],
         "end_to_end_actor_imported_seconds": whole["actor_imported_seconds"],
         "end_to_end_actor_startup_seconds": whole["actor_startup_seconds"],
         "end_to_end_first_shard_stage_seconds": whole["first_shard_stage_seconds"],

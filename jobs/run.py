@@ -216,7 +216,7 @@ def _commit(plan: _Plan, shard_rows: dict[str, dict], timings: dict, decoded_wit
     return write_manifest(config.output, plan.run_id, manifest)
 
 
-_ACTOR_START_FIGURES = ("startup", "ready", "imported", "process")
+_ACTOR_START_FIGURES = ("startup", "ready", "imported", "import_started", "process")
 """What an actor's first shard carries besides its stages (see :class:`pipeline.infer.SegmentShards`)."""
 
 
@@ -231,6 +231,7 @@ def _stage_timings(shard_rows: Iterable[dict]) -> dict:
         "actor_startup_seconds": slowest["startup"] and round(slowest["startup"], 3),
         "actors_ready_seconds": slowest["ready"] and round(slowest["ready"], 3),
         "actor_process_started_seconds": slowest["process"] and round(slowest["process"], 3),
+        "actor_import_started_seconds": slowest["import_started"] and round(slowest["import_started"], 3),
         "actor_imported_seconds": slowest["imported"] and round(slowest["imported"], 3),
         "stage_seconds": _summed_stages(per_shard),
     }

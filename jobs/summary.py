@@ -55,7 +55,11 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-_ACTOR_STEPS = (("process started after", "actor_process_started_seconds"), ("torch imported after", "actor_imported_seconds"))
+_ACTOR_STEPS = (
+    ("process started after", "actor_process_started_seconds"),
+    ("imports began after", "actor_import_started_seconds"),
+    ("torch imported after", "actor_imported_seconds"),
+)
 """How an actor's wait before its constructor splits: (label, the manifest's timings key)."""
 
 

@@ -62,6 +62,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from models import ModelSpec, Preprocessing, Weights, get_model_spec
 from models.rcnn import detect, input_size, paste_masks
+from pipeline import IMPORT_STARTED_AT
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
 from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
@@ -117,11 +118,11 @@ class SegmentShards:
     constructor took (weights from the object store, model build, move to the device), and
     ``ready``, the seconds from ``pipeline_started_at`` (the driver's ``time.time()`` as the
     pipeline started) until the constructor returned: the actor's scheduling, its worker
-    process starting and importing torch, then the constructor. Two more split that wait:
-    ``imported``, the seconds from then until the actor's process had imported this module
-    (torch, torchvision, the models), and, on Linux, ``process``, until the process started
-    (both below zero for a worker that Ray had started, or that had imported, before the
-    pipeline). They are host times: queued device work counts in the stage that waits for it.
+    process starting and importing torch, then the constructor. Three more split that wait:
+    on Linux, ``process``, the seconds from then until the process started; ``import_started``,
+    until it began importing segpipe's stages (Ray's scheduling of the actor ends about there);
+    and ``imported``, until it had imported this module (torch, torchvision, the models). Each
+    is below zero for a worker that Ray had started, or that had imported, before the pipeline. They are host times: queued device work counts in the stage that waits for it.
 
     With ``threads_per_actor`` above 1, Ray calls the actor from that many threads at once: each
     works on its own shard, on a CUDA stream of its own, so that one thread's host work and its
@@ -151,7 +152,10 @@ class SegmentShards:
         self.calling_thread = threading.local()
         """Per thread that Ray calls the actor from: ``seconds`` (per stage, of the shard in hand) and ``stream``."""
         self.start_figures = {
-            "startup": time.perf_counter() - started, "ready": time.time() - pipeline_started_at, "imported": _IMPORTED_AT - pipeline_started_at
+            "startup": time.perf_counter() - started,
+            "ready": time.time() - pipeline_started_at,
+            "imported": _IMPORTED_AT - pipeline_started_at,
+            "import_started": IMPORT_STARTED_AT - pipeline_started_at,
         }
         """Until the first shard takes them."""
         if (process_started_at := _process_started_at()) is not None:

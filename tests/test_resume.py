@@ -71,9 +71,10 @@ def test_an_interrupted_run_resumes_with_only_the_missing_shards(archive: Path, 
     assert set(timings["first_shard_stage_seconds"]) == set(timings["stage_seconds"])
     # the actor was ready (worker process started, torch imported, constructor done) before it wrote a shard
     assert timings["actor_startup_seconds"] < timings["actors_ready_seconds"] < timings["first_shard_seconds"] <= timings["seconds"]
-    # and its wait before the constructor splits into the process starting, then importing torch and the models
+    # and its wait before the constructor splits into the process starting, then importing segpipe, torch and the models
     constructor_began = timings["actors_ready_seconds"] - timings["actor_startup_seconds"]
-    assert timings["actor_process_started_seconds"] < timings["actor_imported_seconds"] < constructor_began
+    assert timings["actor_process_started_seconds"] < timings["actor_import_started_seconds"] < timings["actor_imported_seconds"]
+    assert timings["actor_imported_seconds"] < constructor_began
     # as if the driver died after three shards: the manifest and one shard's images file are missing
     Path(first["manifest_uri"].removeprefix("file://")).unlink()
     lost = first["shards"][1]["files"]["images"].removeprefix("file://")
