@@ -380,17 +380,32 @@ def _rounded_up(side: int, multiple: int) -> int:
 def compile_network(model: nn.Module, task: str, mode: str) -> nn.Module:
     """``model`` with its network compiled by ``torch.compile`` in ``mode``: the whole model for
     semantic models; the backbone for the R-CNN family, whose proposal and NMS stages change
-    shape with every image. Shapes are made dynamic once a second one is seen, so that partial
-    batches and other input sizes do not each cost a compilation. Inductor freezes the weights
-    as constants (segpipe only infers), so that each batch norm folds into the convolution
-    before it instead of costing a pass over its activations (see benchmarks/BENCHMARKS.md)."""
+    shape with every image. The batch size is dynamic from the first batch on, so that a shard's
+    last, partial batch needs no second compilation (which stopped each DeepLabV3 actor for 20 s
+    at the end of a run on the H200); other input sizes are made dynamic once a second one is
+    seen. Inductor freezes the weights as constants (segpipe only infers), so that each batch
+    norm folds into the convolution before it instead of costing a pass over its activations
+    (see benchmarks/BENCHMARKS.md)."""
     from torch._inductor import list_mode_options  # the compiler loads only where it is asked for
 
     options = {**list_mode_options(mode), "freezing": True}
     if task == "semantic":
-        return torch.compile(model, options=options)
-    model.backbone = torch.compile(model.backbone, options=options)
+        return _AnyBatchSize(torch.compile(model, options=options))
+    model.backbone = _AnyBatchSize(torch.compile(model.backbone, options=options))
     return model
+
+
+class _AnyBatchSize(nn.Module):
+    """A compiled network whose batch dimension is dynamic from its first call: one compilation
+    serves every batch of two images or more (a batch of one is compiled apart)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, images: torch.Tensor) -> object:
+        torch._dynamo.maybe_mark_dynamic(images, 0)
+        return self.network(images)
 
 
 def execution(spec: ModelSpec, precision: str, device: torch.device) -> tuple[bool, bool]:

@@ -17,12 +17,13 @@ import pytest
 import ray
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from jobs.sample import encode, photos, shape_pngs
 from models import Weights, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.encode import encode_shards
-from pipeline.infer import SegmentShards, execution, predict_class_maps
+from pipeline.infer import SegmentShards, compile_network, execution, predict_class_maps
 from pipeline.listing import list_shards
 from pipeline.read import read_shards
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, unnest
@@ -151,6 +152,20 @@ def test_a_compiled_network_writes_the_rows_of_the_eager_one(tmp_path: Path, mod
     images, masks, _ = _segment(config.model_copy(update={"compile": "default"}), batch, capacity=None)
     assert images == eager_images and [row["status"] for row in images] == ["ok", "ok"]
     assert [(row["label"], row["area"]) for row in masks] == [(row["label"], row["area"]) for row in eager_masks]
+
+
+@pytest.mark.slow
+def test_a_compiled_network_takes_a_shards_last_partial_batch_without_compiling_again() -> None:
+    spec = get_model_spec("unet")
+    weights = resolve_weights("shapes", spec)
+    model = compile_network(weights.build(spec).eval(), spec.task, "default")
+    torch._dynamo.reset()
+    counters.clear()
+    images = torch.randint(0, 256, (3, 3, 96, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full, partial = predict_class_maps(model, [images], weights.preprocessing), predict_class_maps(model, [images[:2]], weights.preprocessing)
+    assert counters["stats"]["unique_graphs"] == 1  # a second would stop the actor for as long as the first took
+    assert torch.equal(partial[0], full[0][:2])
 
 
 @pytest.mark.parametrize(
