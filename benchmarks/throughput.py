@@ -8,6 +8,10 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   the device, with the shapes, batch size and precision the pipeline uses (3 warm-up batches,
   at most 10 timed); on CUDA also in float32 and in eager bf16 autocast with and without
   channels_last, to compare;
+- **class maps only** (semantic models): the post-processing alone, logits as the network gives
+  them upsampled to the images' size and argmaxed, as the pipeline does; with ``--compile`` also
+  compiled as ``--compile`` compiles it (the model-only figure takes its argmax at the network's
+  resolution, so this is what the pipeline adds to it on the device);
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (actor start-up, model load, the first shard's work) and the steady rate after it,
@@ -62,7 +66,16 @@ from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
 from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
-from pipeline.infer import SegmentShards, compile_network, execution, kept_detections, model_input
+from pipeline.infer import (
+    SegmentShards,
+    class_maps_in_steps,
+    compile_class_maps,
+    compile_network,
+    execution,
+    kept_detections,
+    model_input,
+    upsampled_class_maps,
+)
 from pipeline.listing import list_shards
 from pipeline.read import read_shards
 
@@ -127,6 +140,31 @@ def model_only(
         seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     return {"ips": steps * batch_size / seconds, "peak_gpu_bytes": peak}
+
+
+def class_maps_only(
+    model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int,
+    bf16: bool, channels_last: bool, compile_mode: str = "off",
+) -> dict:  # fmt: skip
+    """Images/s of a semantic model's post-processing alone: logits as its network gives them (at
+    its input size, in its precision and memory format, on the device) upsampled to the images'
+    size and argmaxed, as the pipeline does, or compiled as ``--compile`` compiles it."""
+    spec = get_model_spec(model_name)
+    weights = resolve_weights(weights_spec, spec)
+    logits = torch.randn(batch_size, len(weights.categories), *weights.preprocessing.resized(height, width), device=device,
+                         dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
+    logits = logits.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    class_maps = upsampled_class_maps if compile_mode == "off" else compile_class_maps()
+    steps = min(_MAX_TIMED_STEPS, math.ceil(count / batch_size))
+    with torch.inference_mode():
+        for _ in range(_WARMUP_STEPS):
+            class_maps_in_steps(logits, height, width, class_maps)
+        _synchronize(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            class_maps_in_steps(logits, height, width, class_maps)
+        _synchronize(device)
+    return {"ips": steps * batch_size / (time.perf_counter() - started)}
 
 
 class _ActorAlone(SegmentShards):
@@ -347,6 +385,10 @@ def measure(
         "model-only, compiled",
         model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last, compile_mode=settings["compile"]),
     )
+    class_maps = {} if spec.task != "semantic" else _reported("class maps only", {
+        mode: class_maps_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last, compile_mode=mode)["ips"]
+        for mode in dict.fromkeys(["off", settings["compile"]])
+    })  # fmt: skip
     torchvision_forward = None if spec.task == "semantic" else _reported(
         "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
     )
@@ -373,6 +415,8 @@ def measure(
         "torchvision_forward_ips": torchvision_forward["ips"] if torchvision_forward else None,
         "segpipe_settings": settings,
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
+        "class_maps_only_ips": class_maps.get("off"),
+        "class_maps_only_compiled_ips": class_maps.get(settings["compile"]) if settings["compile"] != "off" else None,
         "actor_only_ips": alone["ips"] if alone else None,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
