@@ -3,8 +3,8 @@
 # benchmarks on 1024x768 photo JPEGs. Run from the repository root on a machine with one CUDA
 # GPU, ray and segpipe importable; JSON results and logs go to $OUT (default bench-out/).
 # BENCHMARKS picks which run (default "deeplab lraspp maskrcnn"; also deeplab_8_actors,
-# deeplab_compiled, deeplab_cudagraphs, deeplab_profile, and NAME_threads: one actor of four threads per GPU
-# instead of four actors, for each of the three); each has its own time limit
+# deeplab_compiled, deeplab_compiled_threads, deeplab_cudagraphs, deeplab_profile, lraspp_profile, and NAME_threads:
+# one actor of four threads per GPU instead of four actors, for each of the three); each has its own time limit
 # (*_SECONDS; TEST_SECONDS=0 skips the tests) and image count (*_COUNT), so that one that
 # overruns leaves the others their figures, and each benchmark phase logs its figures as it
 # ends. The defaults fill one 10-minute call. Counts are large so that start-up (10-25 s) does
@@ -55,13 +55,16 @@ for name in ${BENCHMARKS:-deeplab lraspp maskrcnn}; do
     # cudagraphs: the same in mode reduce-overhead (CUDA graphs)
     deeplab_compiled) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile default ;;
     deeplab_cudagraphs) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile reduce-overhead ;;
+    # compiled, in one actor of four threads: the layout that ran fastest eager once running
+    deeplab_compiled_threads) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile default --threads-per-actor 4 ;;
     maskrcnn) bench "$name" "${MASKRCNN_SECONDS:-100}" maskrcnn_resnet50_fpn "${MASKRCNN_COUNT:-2400}" 8 32 ;;
     # one actor working on four shards at once, in threads on CUDA streams of their own, instead of four actors
     deeplab_threads) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --threads-per-actor 4 ;;
     lraspp_threads) bench "$name" "${LRASPP_SECONDS:-120}" lraspp_mobilenet_v3_large "${LRASPP_COUNT:-30000}" 32 64 --skip-baseline --threads-per-actor 4 ;;
     # the actor alone on 2048 images (no Ray Data around it) and PyTorch's profile of it, in the log
     deeplab_profile) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 2048 32 64 --skip-baseline --skip-variants --profile ;;
+    lraspp_profile) bench "$name" "${LRASPP_SECONDS:-120}" lraspp_mobilenet_v3_large 4096 32 64 --skip-baseline --skip-variants --profile ;;
     maskrcnn_threads) bench "$name" "${MASKRCNN_SECONDS:-100}" maskrcnn_resnet50_fpn "${MASKRCNN_COUNT:-2400}" 8 32 --threads-per-actor 4 ;;
-    *) echo "unknown benchmark $name (deeplab, deeplab_8_actors, deeplab_compiled, deeplab_cudagraphs, deeplab_profile, deeplab_threads, lraspp, lraspp_threads, maskrcnn, maskrcnn_threads)" ;;
+    *) echo "unknown benchmark $name (deeplab, deeplab_8_actors, deeplab_compiled, deeplab_compiled_threads, deeplab_cudagraphs, deeplab_profile, deeplab_threads, lraspp, lraspp_profile, lraspp_threads, maskrcnn, maskrcnn_threads)" ;;
   esac
 done
