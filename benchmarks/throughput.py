@@ -9,9 +9,9 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   at most 10 timed); on CUDA also in float32 and in eager bf16 autocast with and without
   channels_last, to compare;
 - **class maps only** (semantic models): the post-processing alone, logits as the network gives
-  them upsampled to the images' size and argmaxed, as the pipeline does; with ``--compile`` also
-  compiled as ``--compile`` compiles it (the model-only figure takes its argmax at the network's
-  resolution, so this is what the pipeline adds to it on the device);
+  them upsampled to the images' size and argmaxed, as the pipeline does; on CUDA or with
+  ``--compile`` also compiled as ``--compile`` compiles it (the model-only figure takes its argmax
+  at the network's resolution, so this is what the pipeline adds to it on the device);
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (actor start-up, model load, the first shard's work) and the steady rate after it,
@@ -385,9 +385,11 @@ def measure(
         "model-only, compiled",
         model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last, compile_mode=settings["compile"]),
     )
+    # on CUDA compiled too without --compile: whether eager runs should compile this step alone
+    class_modes = ["off", "default" if device == "cuda" and settings["compile"] == "off" else settings["compile"]]
     class_maps = {} if spec.task != "semantic" else _reported("class maps only", {
         mode: class_maps_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last, compile_mode=mode)["ips"]
-        for mode in dict.fromkeys(["off", settings["compile"]])
+        for mode in dict.fromkeys(class_modes)
     })  # fmt: skip
     torchvision_forward = None if spec.task == "semantic" else _reported(
         "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
@@ -416,7 +418,7 @@ def measure(
         "segpipe_settings": settings,
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
         "class_maps_only_ips": class_maps.get("off"),
-        "class_maps_only_compiled_ips": class_maps.get(settings["compile"]) if settings["compile"] != "off" else None,
+        "class_maps_only_compiled_ips": class_maps.get(class_modes[1]) if class_modes[1] != "off" else None,
         "actor_only_ips": alone["ips"] if alone else None,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
