@@ -1,7 +1,8 @@
 """``segpipe eval``: how good a model and its weights are on a labelled dataset.
 
-The model runs exactly as in ``segpipe run`` (same preprocessing and post-processing,
-:func:`pipeline.infer.predict_class_maps` and :func:`pipeline.infer.predict_detections`).
+The model runs exactly as in ``segpipe run`` on a CPU (same preprocessing, memory format and
+post-processing, :func:`pipeline.infer.predict_class_maps` and
+:func:`pipeline.infer.predict_detections`).
 Semantic models: ``miou``, the mean intersection over union over the classes present in the
 ground truth or the prediction, ``pixel_accuracy``, and ``iou_per_class``; pixels labelled 255
 are ignored. Instance and detection models: COCO average precision from pycocotools'
@@ -22,17 +23,18 @@ from pycocotools.cocoeval import COCOeval
 from jobs.datasets import IGNORE_INDEX, LabelledData, load_labelled
 from models import get_model_spec, resolve_weights
 from pipeline.encode import encode_masks
-from pipeline.infer import predict_class_maps, predict_detections
+from pipeline.infer import execution, predict_class_maps, predict_detections
 
 
 def evaluate(model: str, weights: str, data: str, *, batch_size: int = 8, score_threshold: float = 0.05) -> dict:
     spec = get_model_spec(model)
     loaded = resolve_weights(weights, spec)
-    module = loaded.build(spec)
+    _, channels_last = execution(spec, "auto", torch.device("cpu"))
+    module = loaded.build(spec).to(memory_format=torch.channels_last if channels_last else torch.preserve_format)
     dataset = load_labelled(data, with_labels=spec.task == "semantic")
     with torch.inference_mode():
         if spec.task == "semantic":
-            return _semantic_metrics(module, loaded, dataset, batch_size)
+            return _semantic_metrics(module, loaded, dataset, batch_size, channels_last=channels_last)
         return _coco_metrics(module, dataset, batch_size, score_threshold, with_masks=spec.task == "instance")
 
 
@@ -49,12 +51,13 @@ def semantic_scores(confusion: np.ndarray, categories: tuple[str, ...]) -> dict:
     }
 
 
-def _semantic_metrics(module, weights, dataset: LabelledData, batch_size: int) -> dict:
+def _semantic_metrics(module, weights, dataset: LabelledData, batch_size: int, *, channels_last: bool) -> dict:
     classes = len(weights.categories)
     confusion = np.zeros((classes, classes), dtype=np.int64)
     for batch in _batches(dataset, batch_size):
         images = torch.stack([torch.from_numpy(sample.image).permute(2, 0, 1) for sample in batch])
-        for sample, predicted in zip(batch, predict_class_maps(module, [images], weights.preprocessing)[0].numpy()):
+        class_maps = predict_class_maps(module, [images], weights.preprocessing, channels_last=channels_last)[0]
+        for sample, predicted in zip(batch, class_maps.numpy()):
             valid = sample.label != IGNORE_INDEX
             pairs = sample.label[valid].astype(np.int64) * classes + predicted[valid]
             confusion += np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
