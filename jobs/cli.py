@@ -32,7 +32,7 @@ from jobs.run import error_rate_exceeded, run_all
 from jobs.summary import format_summary
 from models import ModelError, list_models
 from pipeline.config import RunConfig, split_spec
-from pipeline.errors import InputError, StorageUnavailable
+from pipeline.errors import CompileFailed, InputError, StorageUnavailable
 
 
 Config = typing.TypeVar("Config", bound=pydantic.BaseModel)
@@ -67,21 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"segpipe: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:
-        unavailable = _storage_unavailable(error)
-        if unavailable is None:
+        from_worker = _worker_error(error)
+        if from_worker is None:
             raise
-        print(f"segpipe: error: {unavailable}", file=sys.stderr)
-        return 3
+        print(f"segpipe: error: {from_worker}", file=sys.stderr)
+        return 3 if isinstance(from_worker, StorageUnavailable) else 2
 
 
-def _storage_unavailable(error: BaseException | None) -> StorageUnavailable | None:
-    """The :class:`StorageUnavailable` behind ``error``, which Ray may have wrapped on its way from a worker."""
+def _worker_error(error: BaseException | None) -> StorageUnavailable | CompileFailed | None:
+    """The job-ending error behind ``error``, which Ray may have wrapped on its way from a worker."""
     while error is not None:
         cause = getattr(error, "cause", None)  # ray.exceptions.RayTaskError keeps the worker's exception here
-        if isinstance(cause, StorageUnavailable):
-            return cause
-        if isinstance(error, StorageUnavailable):
-            return error
+        for candidate in (cause, error):
+            if isinstance(candidate, (StorageUnavailable, CompileFailed)):
+                return candidate
         error = error.__cause__ or error.__context__
     return None
 

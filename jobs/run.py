@@ -399,6 +399,8 @@ def _execute(
     """Run read -> infer -> encode -> write over ``shards`` for every plan; yields one summary
     row per (shard, run), as each is written. ``started_at``: ``time.time()`` as the pipeline started."""
     config = plans[0].config
+    # so that a worker's job-ending error (storage down, --compile failing) reaches the CLI as itself
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     dataset = (
         ray.data.from_items([{"shard": shard.to_json()} for shard in shards], override_num_blocks=len(shards))
         .map_batches(

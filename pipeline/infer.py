@@ -34,7 +34,9 @@ down to single images; an image that does not fit alone becomes an ``out_of_memo
 actor then keeps the pixels per batch that fit as the model's budget, and later batches are cut
 to it: the batch size follows the images' size and the device's memory, rather than running out
 again. A batch that fails otherwise is retried image by image, and an image that still fails
-becomes an ``inference_error`` row, so one bad image never costs its neighbours.
+becomes an ``inference_error`` row, so one bad image never costs its neighbours. A network that
+``--compile`` cannot compile (no C++ compiler on a CPU node, say) raises
+:class:`~pipeline.errors.CompileFailed` instead, which stops the run: no image is to blame.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from models.rcnn import detect, input_size, paste_masks
 from pipeline import IMPORT_STARTED_AT
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
+from pipeline.errors import CompileFailed
 from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, nest, rows_to_table, single_array, unnest
 
@@ -314,6 +317,12 @@ class SegmentShards:
             return
         try:
             results.update(zip(same_input, self._predict_batch(loaded, [pixels[index] for index in same_input])))
+        except torch._dynamo.exc.BackendCompilerFailed as error:  # the node's compiler, not the images: no image row blames them
+            message = str(error).strip().splitlines()[0]
+            raise CompileFailed(
+                f"--compile {loaded.config.compile} could not compile {loaded.spec.name}: {message} "
+                "(no image was marked failed; run without --compile, or fix the node's compiler)"
+            ) from None
         except Exception as error:  # noqa: BLE001 - isolate what fails, keep the rest
             if len(same_input) == 1:
                 results[same_input[0]] = error

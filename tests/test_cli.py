@@ -148,6 +148,25 @@ def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
     _check_query(tmp_path / "out", tmp_path)
 
 
+@pytest.mark.slow
+def test_a_network_that_cannot_compile_stops_the_run_without_blaming_images(tmp_path: Path) -> None:
+    """--compile on a node without a working C++ compiler: one error line and exit 2, not a failed row per image."""
+    build_sample(tmp_path / "sample")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))}
+    # Inductor's cache could serve an earlier compilation without the compiler
+    environment |= {"CXX": str(tmp_path / "no-such-compiler"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    result = subprocess.run(
+        [SEGPIPE, "run", "--input", str(tmp_path / "sample"), "--output", str(tmp_path / "out"), "--model", "unet",
+         "--weights", "shapes", "--compile", "default", "--limit", "4"],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("segpipe: error: ")]
+    assert len(errors) == 1 and errors[0].startswith("segpipe: error: --compile default could not compile unet: ")
+    assert "C++ compiler" in errors[0] and "run without --compile" in errors[0]
+    assert not list((tmp_path / "out").rglob("*.parquet")) and not list((tmp_path / "out").rglob("_runs/*.json"))
+
+
 def test_progress_lines_count_an_image_that_several_models_share_once(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
