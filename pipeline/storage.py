@@ -2,7 +2,8 @@
 
 Object stores fail transiently: connections refused or reset while a server restarts, timeouts,
 ``503 SlowDown``. :func:`retrying` repeats an operation through such errors with exponential
-backoff and jitter for up to ``RETRY_SECONDS``, then raises :class:`StorageUnavailable`;
+backoff and jitter for up to ``RETRY_SECONDS`` (two minutes, or ``SEGPIPE_STORAGE_RETRY_SECONDS``),
+then raises :class:`StorageUnavailable`;
 a missing object or a refused permission is an answer, not a transient error, and is raised
 at once. Unless fsspec's configuration says otherwise, S3 connections time out after
 ``S3_CONNECT_TIMEOUT`` seconds instead of botocore's 60 and botocore retries a request once
@@ -25,7 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import StorageUnavailable
 
-RETRY_SECONDS = 120.0
+RETRY_SECONDS = float(os.environ.get("SEGPIPE_STORAGE_RETRY_SECONDS", "120"))
+"""How long one operation rides out an outage; set the variable on every node to change it."""
 S3_CONNECT_TIMEOUT = 10
 _FIRST_DELAY = 0.5
 _LONGEST_DELAY = 15.0

@@ -1,7 +1,7 @@
 """Faults: a driver killed with SIGKILL part-way, then the same command again; on a three-node
 Ray cluster (tests/multinode_run.py), a model actor killed and a worker node removed mid-run;
-the S3 server stopped mid-run and started again: each gives the tables of an undisturbed run,
-with no row twice."""
+the S3 server stopped mid-run for less than segpipe's retries, and for longer (exit 3, then
+the same command): each gives the tables of an undisturbed run, with no row twice."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_driver_killed_part_way_then_rerun_equals_a_clean_run(tmp_path: Path) ->
     assert len(uris) == len(set(uris)) == 16
 
 
-def test_s3_server_stopped_mid_run_and_started_again_loses_nothing(private_s3, tmp_path: Path) -> None:
+def test_s3_outages_mid_run_a_short_one_ridden_out_a_long_one_resumed_lose_nothing(private_s3, tmp_path: Path) -> None:
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=private_s3.endpoint, key=private_s3.environment()["AWS_ACCESS_KEY_ID"],
@@ -82,21 +82,38 @@ def test_s3_server_stopped_mid_run_and_started_again_loses_nothing(private_s3, t
     fs.mkdir("results")
     fs.put(str(_photo_archive(tmp_path / "archive", copies=4)), "archive/photos", recursive=True)
     environment = {**_environment(), **private_s3.environment()}
-    process = subprocess.Popen(_command("s3://archive/photos", "s3://results/outage"), env=environment,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and process.poll() is None:
-        fs.invalidate_cache()
-        if len(fs.glob("results/outage/images/**/part-*.parquet")) >= 2:
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, "the outage must land mid-run"
-    private_s3.stop()
+
+    def stop_the_server_mid_run(output: str, environment: dict[str, str]) -> subprocess.Popen:
+        process = subprocess.Popen(_command("s3://archive/photos", f"s3://results/{output}"), env=environment,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            fs.invalidate_cache()
+            if len(fs.glob(f"results/{output}/images/**/part-*.parquet")) >= 2:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the outage must land mid-run"
+        private_s3.stop()
+        return process
+
+    process = stop_the_server_mid_run("outage", environment)
     time.sleep(6)
     private_s3.start()
     output, _ = process.communicate(timeout=400)
     assert process.returncode == 0, output[-3000:]
     assert "retrying in" in output, "the run must have met the outage"
+
+    # an outage longer than the retries (3 s here): exit 3 and one line, wherever it struck; then the same command resumes
+    process = stop_the_server_mid_run("long-outage", {**environment, "SEGPIPE_STORAGE_RETRY_SECONDS": "3"})
+    output, _ = process.communicate(timeout=400)
+    private_s3.start()
+    assert process.returncode == 3, output[-3000:]
+    assert re.search(r"^segpipe: error: .*: object storage still failing after \d+ s of retries .*rerun the same command", output, re.M)
+    resumed = subprocess.run(_command("s3://archive/photos", "s3://results/long-outage"), env=environment,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "already written by an interrupted attempt" in resumed.stdout
+
     clean = subprocess.run(_command("s3://archive/photos", "s3://results/clean"), env=environment,
                            capture_output=True, text=True, timeout=300)  # fmt: skip
     assert clean.returncode == 0, clean.stderr[-3000:]
@@ -107,11 +124,12 @@ def test_s3_server_stopped_mid_run_and_started_again_loses_nothing(private_s3, t
         rows = {
             name: sorted(connection.sql(f"SELECT * EXCLUDE (run_id) FROM read_parquet('s3://results/{name}/{table}/**/*.parquet')")
                          .fetchall(), key=str)
-            for name in ("outage", "clean")
+            for name in ("outage", "long-outage", "clean")
         }  # fmt: skip
-        assert rows["outage"] == rows["clean"], table
-    (count,) = connection.sql("SELECT count(DISTINCT uri) FROM read_parquet('s3://results/outage/images/**/*.parquet')").fetchall()[0]
-    assert count == 16
+        assert rows["outage"] == rows["long-outage"] == rows["clean"], table
+    for name in ("outage", "long-outage"):
+        query = f"SELECT count(*), count(DISTINCT uri) FROM read_parquet('s3://results/{name}/images/**/*.parquet')"
+        assert connection.sql(query).fetchall() == [(16, 16)]
 
 
 def test_on_a_three_node_cluster_a_lost_actor_or_worker_node_costs_time_not_data(tmp_path: Path) -> None:
