@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import importlib.metadata
 import json
 import math
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +127,16 @@ def model_only(
             for _ in kept_detections(model, images, threshold, bf16=bf16):
                 pass  # each image's masks pasted, then dropped, as the pipeline takes them
 
-    steps = min(_MAX_TIMED_STEPS, math.ceil(count / batch_size))
     torch.backends.cudnn.benchmark = device == "cuda"  # as the pipeline's actors run
+    ips = _images_per_second(step, count=count, batch_size=batch_size, device=device)
+    return {"ips": ips, "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None}
+
+
+def _images_per_second(step: Callable[[], object], *, count: int, batch_size: int, device: str) -> float:
+    """Images/s of ``step`` (one batch) under ``torch.inference_mode()``, timed over enough batches
+    for ``count`` images (at most ``_MAX_TIMED_STEPS``) after ``_WARMUP_STEPS`` untimed ones; on
+    CUDA the peak memory statistics count from the timed batches on."""
+    steps = min(_MAX_TIMED_STEPS, math.ceil(count / batch_size))
     with torch.inference_mode():
         for _ in range(_WARMUP_STEPS):
             step()
@@ -137,9 +147,7 @@ def model_only(
         for _ in range(steps):
             step()
         _synchronize(device)
-        seconds = time.perf_counter() - started
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return {"ips": steps * batch_size / seconds, "peak_gpu_bytes": peak}
+    return steps * batch_size / (time.perf_counter() - started)
 
 
 def class_maps_only(
@@ -155,16 +163,8 @@ def class_maps_only(
                          dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
     logits = logits.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     class_maps = upsampled_class_maps if compile_mode == "off" else compile_class_maps()
-    steps = min(_MAX_TIMED_STEPS, math.ceil(count / batch_size))
-    with torch.inference_mode():
-        for _ in range(_WARMUP_STEPS):
-            class_maps_in_steps(logits, height, width, class_maps)
-        _synchronize(device)
-        started = time.perf_counter()
-        for _ in range(steps):
-            class_maps_in_steps(logits, height, width, class_maps)
-        _synchronize(device)
-    return {"ips": steps * batch_size / (time.perf_counter() - started)}
+    step = functools.partial(class_maps_in_steps, logits, height, width, class_maps)
+    return {"ips": _images_per_second(step, count=count, batch_size=batch_size, device=device)}
 
 
 class _ActorAlone(SegmentShards):
