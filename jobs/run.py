@@ -180,7 +180,9 @@ def _run_together(plans: list[_Plan], ray_startup_seconds: float, gpus_asked_at:
             print(
                 f"segpipe: run {plan.run_id}: {len(todo)} shards to do{resumed} from {display_uri(plan.config.input)}, "
                 f"{plan.spec.name} ({plan.weights.source}) on {actors} {device} actor(s)"
-                + (f" of {plan.config.threads_per_actor} threads" if plan.config.threads_per_actor > 1 else ""),
+                + (f" of {plan.config.threads_per_actor} threads" if plan.config.threads_per_actor > 1 else "")
+                + (f", compiled ({plan.config.compile}) on each actor's first batch: the first shard comes later"
+                   if plan.config.compile != "off" else ""),
                 flush=True,
             )
         for row in _execute(plans, todo, device, actors, actor_resources, started_at):

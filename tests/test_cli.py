@@ -161,6 +161,7 @@ def test_a_network_that_cannot_compile_stops_the_run_without_blaming_images(tmp_
         capture_output=True, text=True, env=environment, timeout=300,
     )  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
+    assert "compiled (default) on each actor's first batch: the first shard comes later" in result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("segpipe: error: ")]
     assert len(errors) == 1 and errors[0].startswith("segpipe: error: --compile default could not compile unet: ")
     assert "C++ compiler" in errors[0] and "run without --compile" in errors[0]
