@@ -67,8 +67,8 @@ from models.rcnn import detect, input_size, paste_masks
 from pipeline import IMPORT_STARTED_AT
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
-from pipeline.errors import CompileFailed
 from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
+from pipeline.errors import CompileFailed
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, nest, rows_to_table, single_array, unnest
 
 _IMPORTED_AT = time.time()
@@ -127,7 +127,8 @@ class SegmentShards:
     on Linux, ``process``, the seconds from then until the process started; ``import_started``,
     until it began importing segpipe's stages (Ray's scheduling of the actor ends about there);
     and ``imported``, until it had imported this module (torch, torchvision, the models). Each
-    is below zero for a worker that Ray had started, or that had imported, before the pipeline. They are host times: queued device work counts in the stage that waits for it.
+    is below zero for a worker that Ray had started, or that had imported, before the pipeline.
+    They are host times: queued device work counts in the stage that waits for it.
 
     With ``threads_per_actor`` above 1, Ray calls the actor from that many threads at once: each
     works on its own shard, on a CUDA stream of its own, so that one thread's host work and its
