@@ -24,9 +24,18 @@ from typing import TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import StorageUnavailable
+from pipeline.errors import InputError, StorageUnavailable
 
-RETRY_SECONDS = float(os.environ.get("SEGPIPE_STORAGE_RETRY_SECONDS", "120"))
+
+def _retry_seconds_from_environment() -> float:
+    value = os.environ.get("SEGPIPE_STORAGE_RETRY_SECONDS", "120")
+    try:
+        return float(value)
+    except ValueError:
+        raise InputError(f"SEGPIPE_STORAGE_RETRY_SECONDS must be a number of seconds, not {value!r}") from None
+
+
+RETRY_SECONDS = _retry_seconds_from_environment()
 """How long one operation rides out an outage; set the variable on every node to change it."""
 S3_CONNECT_TIMEOUT = 10
 _FIRST_DELAY = 0.5
