@@ -19,7 +19,7 @@ set -u
 # would match a pattern anywhere in it, and be killed too.
 stop_ray() {
   pkill -9 -x 'raylet|gcs_server' >/dev/null 2>&1
-  pkill -9 -f '^ray[-:]|^[^ ]*python[^ ]* .*(site-packages/ray/|multiprocessing.forkserver)' >/dev/null 2>&1
+  pkill -9 -f '^ray[-:]|^[^ ]*python[^ ]* .*(/ray/|multiprocessing\.forkserver)' >/dev/null 2>&1  # ray may live outside site-packages
   sleep 1
 }
 out=${OUT:-bench-out}
