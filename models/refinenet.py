@@ -72,7 +72,7 @@ class RefineNetBlock(nn.Module):
         if self.fuse is None:
             fused = adapted[0]
         else:
-            size = max((x.shape[-2:] for x in adapted), key=lambda s: s[0] * s[1])
+            size = adapted[0].shape[-2:]  # the finest path comes first: the encoder's feature, then the coarser path
             fused = sum(
                 F.interpolate(conv(x), size=size, mode="bilinear", align_corners=False)
                 for conv, x in zip(self.fuse, adapted)

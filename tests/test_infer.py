@@ -20,10 +20,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from jobs.sample import encode, photos, shape_pngs
-from models import Weights, get_model_spec, resolve_weights
+from models import Weights, get_model_spec, list_models, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.encode import encode_shards
-from pipeline.infer import SegmentShards, compile_class_maps, compile_network, execution, predict_class_maps
+from pipeline.infer import SegmentShards, compile_class_maps, compile_network, execution, fold_batch_norms, predict_class_maps
 from pipeline.listing import list_shards
 from pipeline.read import read_shards
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA, unnest
@@ -167,6 +167,22 @@ def test_a_compiled_network_takes_a_shards_last_partial_batch_without_compiling_
     # the network and the upsampling into class maps, each once: a recompilation would stop the actor as long again
     assert counters["stats"]["unique_graphs"] == 2
     assert torch.equal(partial[0], full[0][:2])
+
+
+@pytest.mark.parametrize("model", [spec.name for spec in list_models() if spec.task == "semantic"])
+def test_folding_batch_norms_keeps_every_semantic_models_logits(model: str) -> None:
+    spec = get_model_spec(model)
+    network = resolve_weights("random", spec).build(spec).eval()
+    batch_norms = sum(isinstance(module, nn.BatchNorm2d) for module in network.modules())
+    inputs = torch.randn(2, 3, 96, 131, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        expected = network(inputs)["out"]
+        folded = fold_batch_norms(network)
+        logits = folded(inputs)["out"]
+    # LinkNet keeps the four that follow a transposed convolution
+    assert sum(isinstance(module, nn.BatchNorm2d) for module in folded.modules()) <= min(4, batch_norms - 1)
+    # random weights make ResNet-101's logits large: the tolerance scales with them
+    torch.testing.assert_close(logits, expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize(
