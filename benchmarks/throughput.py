@@ -75,6 +75,7 @@ from pipeline.infer import (
     compile_class_maps,
     compile_network,
     execution,
+    fold_batch_norms,
     kept_detections,
     model_input,
     upsampled_class_maps,
@@ -104,7 +105,10 @@ def model_only(
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
     memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model = weights.build(spec).to(device, memory_format=memory_format).eval()
+    model = weights.build(spec).eval()
+    if device == "cpu" and spec.task == "semantic" and compile_mode == "off":
+        model = fold_batch_norms(model)  # as the pipeline's CPU actors run it
+    model = model.to(device, memory_format=memory_format)
     if compile_mode != "off":
         model = compile_network(model, spec.task, compile_mode)
     if spec.task == "semantic":
