@@ -73,11 +73,10 @@ from pipeline.infer import (
     SegmentShards,
     class_maps_in_steps,
     compile_class_maps,
-    compile_network,
     execution,
-    fold_batch_norms,
     kept_detections,
     model_input,
+    prepared_network,
     upsampled_class_maps,
 )
 from pipeline.listing import list_shards
@@ -85,6 +84,7 @@ from pipeline.read import read_shards
 
 _WARMUP_STEPS = 3
 _MAX_TIMED_STEPS = 10
+_AS_THE_PIPELINE_RUNS_IT = "as the pipeline runs it"  # the class maps variant that is the pipeline's own
 _ACTOR_ONLY_IMAGES = 2048
 _PROFILED_SHARDS = 4
 _PROFILE_ROWS = 30
@@ -104,13 +104,7 @@ def model_only(
     ``--compile`` does (the compilation happens in the untimed warm-up)."""
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model = weights.build(spec).eval()
-    if device == "cpu" and spec.task == "semantic" and compile_mode == "off":
-        model = fold_batch_norms(model)  # as the pipeline's CPU actors run it
-    model = model.to(device, memory_format=memory_format)
-    if compile_mode != "off":
-        model = compile_network(model, spec.task, compile_mode)
+    model = prepared_network(weights.build(spec), spec.task, torch.device(device), channels_last=channels_last, compile_mode=compile_mode)
     if spec.task == "semantic":
         inputs = torch.randn(batch_size, 3, *weights.preprocessing.resized(height, width), device=device)
         inputs = inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -359,7 +353,7 @@ def _class_maps_variants(channels_last: bool, compile_mode: str, device: str) ->
     it; compiled (on CUDA also without ``--compile``, to say whether eager runs should compile this
     step alone); and on CUDA from NCHW logits where the network gives NHWC ones (the profile's
     argmax over NHWC's innermost 21 channels ran far below the GPU's memory bandwidth)."""
-    variants = {"as the pipeline runs it": (channels_last, compile_mode)}
+    variants = {_AS_THE_PIPELINE_RUNS_IT: (channels_last, compile_mode)}
     if compile_mode == "off" and device == "cuda":
         variants["compiled"] = (channels_last, "default")
     if channels_last and device == "cuda":
@@ -433,8 +427,8 @@ def measure(
         "torchvision_forward_ips": torchvision_forward["ips"] if torchvision_forward else None,
         "segpipe_settings": settings,
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
-        "class_maps_only_ips": class_maps.get("as the pipeline runs it"),
-        "class_maps_only_variants_ips": {name: ips for name, ips in class_maps.items() if name != "as the pipeline runs it"},
+        "class_maps_only_ips": class_maps.get(_AS_THE_PIPELINE_RUNS_IT),
+        "class_maps_only_variants_ips": {name: ips for name, ips in class_maps.items() if name != _AS_THE_PIPELINE_RUNS_IT},
         "actor_only_ips": alone["ips"] if alone else None,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],

@@ -1,7 +1,7 @@
 """``segpipe eval``: how good a model and its weights are on a labelled dataset.
 
-The model runs exactly as in ``segpipe run`` on a CPU (same preprocessing, batch norms folded
-into the convolutions, memory format and post-processing, :func:`pipeline.infer.predict_class_maps` and
+The model runs exactly as in ``segpipe run`` on a CPU (:func:`pipeline.infer.prepared_network`,
+and the same preprocessing and post-processing, :func:`pipeline.infer.predict_class_maps` and
 :func:`pipeline.infer.predict_detections`).
 Semantic models: ``miou``, the mean intersection over union over the classes present in the
 ground truth or the prediction, ``pixel_accuracy``, and ``iou_per_class``; pixels labelled 255
@@ -23,15 +23,14 @@ from pycocotools.cocoeval import COCOeval
 from jobs.datasets import IGNORE_INDEX, LabelledData, load_labelled
 from models import get_model_spec, resolve_weights
 from pipeline.encode import encode_masks
-from pipeline.infer import execution, fold_batch_norms, predict_class_maps, predict_detections
+from pipeline.infer import execution, predict_class_maps, predict_detections, prepared_network
 
 
 def evaluate(model: str, weights: str, data: str, *, batch_size: int = 8, score_threshold: float = 0.05) -> dict:
     spec = get_model_spec(model)
     loaded = resolve_weights(weights, spec)
     _, channels_last = execution(spec, "auto", torch.device("cpu"))
-    module = fold_batch_norms(loaded.build(spec)) if spec.task == "semantic" else loaded.build(spec)
-    module = module.to(memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    module = prepared_network(loaded.build(spec), spec.task, torch.device("cpu"), channels_last=channels_last, compile_mode="off")
     dataset = load_labelled(data, with_labels=spec.task == "semantic")
     with torch.inference_mode():
         if spec.task == "semantic":

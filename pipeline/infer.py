@@ -176,13 +176,8 @@ class SegmentShards:
             # torchvision drops boxes under its own 0.05 before ours; a lower --score-threshold must win.
             model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
         bf16, channels_last = execution(spec, config.precision, self.device)
-        if self.device.type == "cpu" and spec.task == "semantic" and config.compile == "off":
-            model = fold_batch_norms(model)  # compiling folds them itself
-        model = model.to(self.device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
-        class_maps = upsampled_class_maps
-        if config.compile != "off":
-            model = compile_network(model, spec.task, config.compile)
-            class_maps = compile_class_maps()
+        model = prepared_network(model, spec.task, self.device, channels_last=channels_last, compile_mode=config.compile)
+        class_maps = upsampled_class_maps if config.compile == "off" else compile_class_maps()
         return LoadedModel(config, run_id, spec, weights.preprocessing, model, bf16, channels_last, class_maps)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -395,6 +390,17 @@ def _rounded_up(side: int, multiple: int) -> int:
     return math.ceil(side / multiple) * multiple
 
 
+def prepared_network(model: nn.Module, task: str, device: torch.device, *, channels_last: bool, compile_mode: str) -> nn.Module:
+    """``model`` as segpipe infers with it on ``device``: in eval mode, a semantic model's batch
+    norms folded on CPUs (:func:`fold_batch_norms`; compiling folds them itself), on the device in
+    channels_last or its own memory format, and compiled in ``compile_mode`` unless that is ``"off"``."""
+    model = model.eval()
+    if device.type == "cpu" and task == "semantic" and compile_mode == "off":
+        model = fold_batch_norms(model)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    return model if compile_mode == "off" else compile_network(model, task, compile_mode)
+
+
 def compile_network(model: nn.Module, task: str, mode: str) -> nn.Module:
     """``model`` with its network compiled by ``torch.compile`` in ``mode``: the whole model for
     semantic models; the backbone for the R-CNN family, whose proposal and NMS stages change
@@ -418,8 +424,9 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     convolution's weights and bias (``torch.fx``: the model is traced, so its forward must not
     branch on tensor values). On CPUs oneDNN adds the bias inside the convolution, so each batch
     norm's own pass over the activations goes: on this repository's CPU lraspp's network ran
-    1.35x, the U-Net's 1.15x and DeepLabV3's 1.03x, with the same class maps. On GPUs cuDNN would add the bias in
-    a pass of its own, so they keep the model as it is (``--compile`` folds them there)."""
+    1.35x, the U-Net's 1.15x and DeepLabV3's 1.03x, with the same class maps. On GPUs cuDNN
+    would add the bias in a pass of its own, so they keep the model as it is (``--compile``
+    folds them there)."""
     return fx_optimization.fuse(model.eval())
 
 
