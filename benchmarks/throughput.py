@@ -8,11 +8,11 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   the device, with the shapes, batch size and precision the pipeline uses (3 warm-up batches,
   at most 10 timed); on CUDA also in float32 and in eager bf16 autocast with and without
   channels_last, to compare;
-- **class maps only** (semantic models): the post-processing alone, logits as the network gives
-  them upsampled to the images' size and argmaxed, as the pipeline does (compiled with
-  ``--compile``); on CUDA also compiled without it, and from NCHW logits where the network gives
-  NHWC ones (the model-only figure takes its argmax at the network's resolution, so this is what
-  the pipeline adds to it on the device);
+- **class maps only** (semantic models): the post-processing alone, the network's logits for the
+  benchmark's images made into class maps at the images' size as the pipeline does
+  (:func:`pipeline.infer.class_maps`); on CUDA also by upsampling every class, eager and
+  compiled, and from NCHW logits where the network gives NHWC ones (the model-only figure takes
+  its argmax at the network's resolution, so this is what the pipeline adds to it on the device);
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (actor start-up, model load, the first shard's work) and the steady rate after it,
@@ -64,6 +64,7 @@ import ray
 import ray.data
 import torch
 import torchvision.transforms.functional as tv_functional
+from torchvision.io import decode_jpeg, read_file
 
 from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
@@ -71,8 +72,7 @@ from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.infer import (
     SegmentShards,
-    class_maps_in_steps,
-    compile_class_maps,
+    class_maps,
     execution,
     kept_detections,
     model_input,
@@ -150,19 +150,22 @@ def _images_per_second(step: Callable[[], object], *, count: int, batch_size: in
 
 
 def class_maps_only(
-    model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int,
-    bf16: bool, channels_last: bool, compile_mode: str = "off",
+    model_name: str, weights_spec: str, images: Path, *, count: int, width: int, height: int, device: str, batch_size: int,
+    bf16: bool, channels_last: bool, make_maps: Callable[[torch.Tensor, int, int], torch.Tensor] = class_maps,
 ) -> dict:  # fmt: skip
-    """Images/s of a semantic model's post-processing alone: logits as its network gives them (at
-    its input size, in its precision and memory format, on the device) upsampled to the images'
-    size and argmaxed, as the pipeline does, or compiled as ``--compile`` compiles it."""
+    """Images/s of a semantic model's post-processing alone: the logits its network gives for the
+    benchmark's first images (at its input size, in its precision and memory format, on the
+    device) made into class maps at the images' size by ``make_maps``. Real logits, not noise:
+    how many pixels :func:`pipeline.infer.class_maps` interpolates depends on the class borders."""
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
-    logits = torch.randn(batch_size, len(weights.categories), *weights.preprocessing.resized(height, width), device=device,
-                         dtype=torch.bfloat16 if bf16 else torch.float32)  # fmt: skip
-    logits = logits.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    class_maps = upsampled_class_maps if compile_mode == "off" else compile_class_maps()
-    step = functools.partial(class_maps_in_steps, logits, height, width, class_maps)
+    network = prepared_network(weights.build(spec), spec.task, torch.device(device), channels_last=channels_last, compile_mode="off")
+    paths = sorted(images.glob("*.jpg"))[:batch_size]
+    batch = torch.stack([decode_jpeg(read_file(str(paths[index % len(paths)]))) for index in range(batch_size)]).to(device)
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        inputs = model_input(batch, weights.preprocessing)
+        logits = network(inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))["out"]
+    step = functools.partial(make_maps, logits, height, width)
     return {"ips": _images_per_second(step, count=count, batch_size=batch_size, device=device)}
 
 
@@ -348,16 +351,18 @@ def baseline(directory: Path, output: Path, model_name: str, weights: str, *, de
     return {"ips": count / seconds, "seconds": seconds}
 
 
-def _class_maps_variants(channels_last: bool, compile_mode: str, device: str) -> dict[str, tuple[bool, str]]:
-    """How the class maps step is timed: name -> (NHWC logits, compile mode). As the pipeline runs
-    it; compiled (on CUDA also without ``--compile``, to say whether eager runs should compile this
-    step alone); and on CUDA from NCHW logits where the network gives NHWC ones (the profile's
-    argmax over NHWC's innermost 21 channels ran far below the GPU's memory bandwidth)."""
-    variants = {_AS_THE_PIPELINE_RUNS_IT: (channels_last, compile_mode)}
-    if compile_mode == "off" and device == "cuda":
-        variants["compiled"] = (channels_last, "default")
-    if channels_last and device == "cuda":
-        variants["nchw logits"] = (False, compile_mode)
+def _class_maps_variants(channels_last: bool, device: str) -> dict[str, tuple[Callable, bool]]:
+    """How the class maps step is timed: name -> (function, NHWC logits). As the pipeline runs it;
+    on CUDA also by upsampling every class, eager (the pipeline's way until the twelfth session)
+    and compiled (Inductor fuses the upsampling into the argmax), and from NCHW logits where the
+    network gives NHWC ones (the H200's profile of the upsampling's argmax over NHWC's innermost
+    21 channels ran far below the GPU's memory bandwidth)."""
+    variants = {_AS_THE_PIPELINE_RUNS_IT: (class_maps, channels_last)}
+    if device == "cuda":
+        variants["upsampled"] = (upsampled_class_maps, channels_last)
+        variants["upsampled, compiled"] = (torch.compile(upsampled_class_maps, dynamic=False), channels_last)
+        if channels_last:
+            variants["nchw logits"] = (class_maps, False)
     return variants
 
 
@@ -397,9 +402,9 @@ def measure(
         "model-only, compiled",
         model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last, compile_mode=settings["compile"]),
     )
-    class_maps = {} if spec.task != "semantic" else _reported("class maps only", {
-        name: class_maps_only(model_name, weights, **shape, bf16=bf16, channels_last=logits_channels_last, compile_mode=mode)["ips"]
-        for name, (logits_channels_last, mode) in _class_maps_variants(channels_last, settings["compile"], device).items()
+    class_maps_ips = {} if spec.task != "semantic" else _reported("class maps only", {
+        name: class_maps_only(model_name, weights, images, **shape, bf16=bf16, channels_last=logits_channels_last, make_maps=make_maps)["ips"]
+        for name, (make_maps, logits_channels_last) in _class_maps_variants(channels_last, device).items()
     })  # fmt: skip
     torchvision_forward = None if spec.task == "semantic" else _reported(
         "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
@@ -427,8 +432,8 @@ def measure(
         "torchvision_forward_ips": torchvision_forward["ips"] if torchvision_forward else None,
         "segpipe_settings": settings,
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
-        "class_maps_only_ips": class_maps.get(_AS_THE_PIPELINE_RUNS_IT),
-        "class_maps_only_variants_ips": {name: ips for name, ips in class_maps.items() if name != _AS_THE_PIPELINE_RUNS_IT},
+        "class_maps_only_ips": class_maps_ips.get(_AS_THE_PIPELINE_RUNS_IT),
+        "class_maps_only_variants_ips": {name: ips for name, ips in class_maps_ips.items() if name != _AS_THE_PIPELINE_RUNS_IT},
         "actor_only_ips": alone["ips"] if alone else None,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],

@@ -15,12 +15,12 @@ On a GPU, compressed bytes are what crosses the object store and the host: compl
 are decoded a window at a time on the device (nvjpeg, through ``torchvision.io.decode_jpeg``),
 other images on the host threads, and resizing, normalising, the model (bf16 autocast and
 channels_last as the model's :class:`~models.registry.CudaExecution` says, under
-``--precision auto``; ``--compile`` for ``torch.compile``), logit upsampling, argmax, Mask
-R-CNN's mask paste (:mod:`models.rcnn`) and the run finding of RLE all stay on the device.
+``--precision auto``; ``--compile`` for ``torch.compile``), the class maps (:func:`class_maps`),
+Mask R-CNN's mask paste (:mod:`models.rcnn`) and the run finding of RLE all stay on the device.
 
 Preprocessing, as ARCHITECTURE.md fixes it:
 - semantic: uint8 RGB, shorter side resized to 520 (bilinear, antialiased), scaled to [0, 1],
-  ImageNet-normalised; logits resized bilinearly to the original size, then argmax;
+  ImageNet-normalised; the argmax of the logits resized bilinearly to the original size;
 - instance and detection: float RGB in [0, 1] at original size, torchvision resizes
   internally; detections scoring below ``score_threshold`` are dropped and mask
   probabilities thresholded at 0.5.
@@ -76,8 +76,10 @@ _IMPORTED_AT = time.time()
 """When this process had imported torch, torchvision and segpipe's models (an actor's ``imported`` figure)."""
 _DECODE_THREADS = 4
 _MASK_PROBABILITY_THRESHOLD = 0.5
-_UPSAMPLED_LOGITS_PER_STEP = 2**28
-"""Logit elements upsampled at once: 1 GiB of float32, whatever the batch and image size."""
+_OUTPUT_PIXELS_PER_STEP = 2**25
+"""Class map pixels made at once by :func:`class_maps`: at most 10 bytes of device memory each."""
+_GATHERED_LOGITS_PER_CHUNK = 2**26
+"""Corner logits interpolated at once by :func:`class_maps`: 256 MiB in float32."""
 
 
 @dataclass
@@ -91,8 +93,6 @@ class LoadedModel:
     model: nn.Module
     bf16: bool
     channels_last: bool
-    class_maps: Callable[[torch.Tensor, int, int], torch.Tensor]
-    """A semantic model's logits to class maps (:func:`upsampled_class_maps`, compiled with ``--compile``)."""
     pixel_budget: int | None = None
     """Most decoded pixels per batch known to fit on the device, once a batch has run out of memory."""
 
@@ -177,8 +177,7 @@ class SegmentShards:
             model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
         bf16, channels_last = execution(spec, config.precision, self.device)
         model = prepared_network(model, spec.task, self.device, channels_last=channels_last, compile_mode=config.compile)
-        class_maps = upsampled_class_maps if config.compile == "off" else compile_class_maps()
-        return LoadedModel(config, run_id, spec, weights.preprocessing, model, bf16, channels_last, class_maps)
+        return LoadedModel(config, run_id, spec, weights.preprocessing, model, bf16, channels_last)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns: dict[str, list] = defaultdict(list)
@@ -344,16 +343,15 @@ class SegmentShards:
             if loaded.spec.task != "semantic":
                 return predict_detections(loaded.model, images, loaded.config.score_threshold, bf16=loaded.bf16)
             same_size = list(_indices_by(dict(enumerate(images)), lambda image: image.shape).values())
-            class_maps = predict_class_maps(
+            maps_per_size = predict_class_maps(
                 loaded.model,
                 [torch.stack([images[index] for index in indices]) for indices in same_size],
                 loaded.preprocessing,
                 pad_to_multiple=loaded.config.pad_to_multiple,
                 bf16=loaded.bf16,
                 channels_last=loaded.channels_last,
-                class_maps=loaded.class_maps,
             )
-            runs = {index: image_runs for indices, maps in zip(same_size, class_maps) for index, image_runs in zip(indices, map_runs(maps))}
+            runs = {index: image_runs for indices, maps in zip(same_size, maps_per_size) for index, image_runs in zip(indices, map_runs(maps))}
             return [runs[index] for index in range(len(images))]
 
 
@@ -430,14 +428,6 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     return fx_optimization.fuse(model.eval())
 
 
-def compile_class_maps() -> Callable[[torch.Tensor, int, int], torch.Tensor]:
-    """:func:`upsampled_class_maps` compiled: Inductor fuses the upsampling into the argmax, so
-    that the logits at original size (21 channels for DeepLabV3, 33 MB per 1024x768 image in
-    bf16) never reach memory. On this repository's CPU 1.3x faster; class maps equal but for a
-    few pixels in a million, where two classes' upsampled logits tie within float rounding."""
-    return _AnyBatchSize(torch.compile(upsampled_class_maps))
-
-
 class _AnyBatchSize(nn.Module):
     """A compiled function whose first argument's first dimension is dynamic from its first call:
     one compilation serves every batch of two images or more (a batch of one is compiled apart)."""
@@ -469,12 +459,83 @@ def model_input(batch: torch.Tensor, preprocessing: Preprocessing) -> torch.Tens
 
 
 def upsampled_class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(n, height, width)`` class maps of ``(n, classes, h, w)`` logits: bilinear upsampling to
-    ``height`` x ``width``, then argmax; uint8 for up to 256 classes, else int32."""
-    class_type = torch.uint8 if logits.shape[1] <= 256 else torch.int32
-    # max's indices are argmax's (the first of equal maxima), and on CPUs 4x faster over the channels
+    """``(n, height, width)`` class maps of ``(n, classes, h, w)`` logits by definition: bilinear
+    upsampling to ``height`` x ``width``, then argmax; uint8 for up to 256 classes, else int32.
+    :func:`class_maps` gives the same maps without upsampling every class at every pixel."""
     upsampled = nn_functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-    return upsampled.max(1).indices.to(class_type)
+    return upsampled.max(1).indices.to(_class_type(logits))  # max's indices are argmax's, and on CPUs 4x faster over the channels
+
+
+def class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """:func:`upsampled_class_maps`, interpolating only where the upsampling can change the answer.
+
+    Bilinear upsampling makes each output pixel a weighted mean of four neighbouring logit pixels,
+    with weights at least zero that sum to one. Where the four agree on their argmax, so does any
+    such mean of them: each of the winner's logits is at least the other class's at every corner.
+    So the argmax is taken at the logits' own resolution, and each output pixel takes its corners'
+    class, except where they disagree (along class borders, 0 to 6% of the pixels of the models'
+    maps measured) and the four corners' logits are interpolated in float32 there. The upsampled
+    logits (21 per pixel for DeepLabV3, 33 MB per 1024x768 image in bf16) are never made: on this
+    repository's CPU 1.3 to 5x faster than upsampling them (see benchmarks/BENCHMARKS.md). Class maps
+    equal float32 upsampling's but where two classes tie within float rounding (a few pixels in a
+    million); eager bf16 upsampling rounds each upsampled logit to bf16 first, which makes more ties."""
+    images_per_step = max(1, _OUTPUT_PIXELS_PER_STEP // (height * width))
+    return torch.cat([_class_maps_of_step(step, height, width) for step in logits.split(images_per_step)])
+
+
+def _class_maps_of_step(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    _, classes, logit_height, logit_width = logits.shape
+    coarse = logits.max(1).indices.to(_class_type(logits))
+    rows, columns = _bilinear_sources(height, logit_height, logits.device), _bilinear_sources(width, logit_width, logits.device)
+
+    def at_top_left_corner(per_logit_pixel: torch.Tensor) -> torch.Tensor:
+        return per_logit_pixel.index_select(1, rows.indices[0]).index_select(2, columns.indices[0])
+
+    maps = at_top_left_corner(coarse)
+    pixels = at_top_left_corner(_disagreeing_corners(coarse)).flatten().nonzero().squeeze(1)
+    logits_by_pixel = logits.permute(0, 2, 3, 1)  # (n, h, w, classes): a view, whatever the memory format
+    flat_maps = maps.view(-1)
+    for chunk in pixels.split(max(1, _GATHERED_LOGITS_PER_CHUNK // (4 * classes))):
+        image, row, column = chunk // (height * width), chunk // width % height, chunk % width
+        # (k, 4) corners in the order top left, top right, bottom left, bottom right
+        corner_rows = rows.indices[:, row].T.repeat_interleave(2, dim=1)
+        corner_columns = columns.indices[:, column].T.repeat(1, 2)
+        corners = logits_by_pixel[image[:, None], corner_rows, corner_columns].float()  # (k, 4, classes)
+        weights = rows.weights[:, row].T[:, :, None] * columns.weights[:, column].T[:, None, :]  # (k, 2, 2)
+        upsampled = torch.bmm(weights.view(-1, 1, 4), corners)[:, 0]  # (k, classes) in float32
+        flat_maps[chunk] = upsampled.max(1).indices.to(maps.dtype)
+    return maps
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """Per output index along one axis, its two source indices and their bilinear weights, as
+    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` takes them."""
+
+    indices: torch.Tensor
+    """``(2, size)`` int64: the lower and the higher source index (equal at the last one)."""
+    weights: torch.Tensor
+    """``(2, size)`` float32: their weights, which sum to 1."""
+
+
+def _bilinear_sources(size: int, source_size: int, device: torch.device) -> _Sources:
+    position = ((torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (source_size / size) - 0.5).clamp_(min=0)
+    low = position.long().clamp_(max=source_size - 1)
+    high_weight = position - low
+    return _Sources(torch.stack([low, (low + 1).clamp_(max=source_size - 1)]), torch.stack([1 - high_weight, high_weight]))
+
+
+def _disagreeing_corners(coarse: torch.Tensor) -> torch.Tensor:
+    """Whether the classes of ``(n, h, w)`` class maps differ within each pixel's 2x2 block of it
+    and its neighbours below and to the right (the last row and column their own neighbours)."""
+    below = torch.cat([coarse[:, 1:], coarse[:, -1:]], 1)
+    right = torch.cat([coarse[:, :, 1:], coarse[:, :, -1:]], 2)
+    below_right = torch.cat([below[:, :, 1:], below[:, :, -1:]], 2)
+    return (coarse != below) | (coarse != right) | (coarse != below_right)
+
+
+def _class_type(logits: torch.Tensor) -> torch.dtype:
+    return torch.uint8 if logits.shape[1] <= 256 else torch.int32
 
 
 def predict_class_maps(
@@ -485,11 +546,10 @@ def predict_class_maps(
     pad_to_multiple: int = 1,
     bf16: bool = False,
     channels_last: bool = False,
-    class_maps: Callable[[torch.Tensor, int, int], torch.Tensor] = upsampled_class_maps,
 ) -> list[torch.Tensor]:
     """Argmax class maps at original size of uint8 ``(n, 3, H, W)`` batches whose images differ in
     size but not in model input size: one forward pass for all, and per batch an ``(n, H, W)``
-    tensor on its device, uint8 for up to 256 classes, else int32 (from the logits by ``class_maps``).
+    tensor on its device, uint8 for up to 256 classes, else int32 (:func:`class_maps`).
 
     With ``pad_to_multiple`` above 1, each resized input is padded on the right and bottom (with
     zeros: the mean colour, once normalised) up to a multiple of it, so that batches of similar
@@ -504,18 +564,9 @@ def predict_class_maps(
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(inputs)["out"]
     return [
-        class_maps_in_steps(batch_logits[..., : batch_input.shape[-2], : batch_input.shape[-1]], *batch.shape[-2:], class_maps)
+        class_maps(batch_logits[..., : batch_input.shape[-2], : batch_input.shape[-1]], *batch.shape[-2:])
         for batch, batch_input, batch_logits in zip(batches, resized, logits.split([len(batch) for batch in batches]))
     ]
-
-
-def class_maps_in_steps(
-    logits: torch.Tensor, height: int, width: int, class_maps: Callable[[torch.Tensor, int, int], torch.Tensor] = upsampled_class_maps
-) -> torch.Tensor:
-    """``class_maps(logits, height, width)``, a few images at a time, so that the upsampled
-    logits of a batch of large images need no more than 1 GiB at once."""
-    images_per_step = max(1, _UPSAMPLED_LOGITS_PER_STEP // (logits.shape[1] * height * width))
-    return torch.cat([class_maps(step, height, width) for step in logits.split(images_per_step)])
 
 
 def predict_detections(
