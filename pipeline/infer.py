@@ -495,7 +495,9 @@ def _class_maps_of_step(logits: torch.Tensor, height: int, width: int) -> torch.
     pixels = at_top_left_corner(_disagreeing_corners(coarse)).flatten().nonzero().squeeze(1)
     logits_by_pixel = logits.permute(0, 2, 3, 1)  # (n, h, w, classes): a view, whatever the memory format
     flat_maps = maps.view(-1)
-    for chunk in pixels.split(max(1, _GATHERED_LOGITS_PER_CHUNK // (4 * classes))):
+    chunk_size = max(1, _GATHERED_LOGITS_PER_CHUNK // (4 * classes))
+    for first in range(0, len(pixels), chunk_size):
+        chunk = pixels[first : first + chunk_size]
         image, row, column = chunk // (height * width), chunk // width % height, chunk % width
         # (k, 4) corners in the order top left, top right, bottom left, bottom right
         corner_rows = rows.indices[:, row].T.repeat_interleave(2, dim=1)
