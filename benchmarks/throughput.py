@@ -74,6 +74,7 @@ from pipeline.infer import (
     SegmentShards,
     class_maps,
     execution,
+    fold_batch_norms,
     kept_detections,
     model_input,
     prepared_network,
@@ -88,23 +89,32 @@ _AS_THE_PIPELINE_RUNS_IT = "as the pipeline runs it"  # the class maps variant t
 _ACTOR_ONLY_IMAGES = 2048
 _PROFILED_SHARDS = 4
 _PROFILE_ROWS = 30
-_VARIANTS = {"fp32": (False, False), "bf16": (True, False), "bf16_channels_last": (True, True), "fp32_channels_last": (False, True)}
-"""Model-only variants measured on CUDA besides the pipeline's own: name -> (bf16, channels_last)."""
+_VARIANTS = {
+    "fp32": (False, False, False),
+    "bf16": (True, False, False),
+    "bf16_channels_last": (True, True, False),
+    "fp32_channels_last": (False, True, False),
+    "bf16_channels_last_batch_norms_folded": (True, True, True),
+}
+"""Model-only variants measured on CUDA besides the pipeline's own: name -> (bf16, channels_last,
+batch norms folded into the convolutions, as on CPUs; eager GPUs keep them)."""
 
 
 def model_only(
     model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int,
-    bf16: bool, channels_last: bool, torchvision_forward: bool = False, compile_mode: str = "off",
+    bf16: bool, channels_last: bool, torchvision_forward: bool = False, compile_mode: str = "off", fold: bool = False,
 ) -> dict:  # fmt: skip
     """Images/s of the model alone on device-resident inputs, and its peak device memory.
 
     Instance and detection models run as the pipeline runs them (:func:`pipeline.infer.kept_detections`:
     the network, then the kept masks pasted in one batch); ``torchvision_forward`` times torchvision's own forward
     instead, which pastes every mask one at a time. ``compile_mode`` compiles the network as
-    ``--compile`` does (the compilation happens in the untimed warm-up)."""
+    ``--compile`` does (the compilation happens in the untimed warm-up). ``fold`` folds a semantic
+    model's batch norms into its convolutions on any device (the pipeline does so on CPUs only)."""
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
-    model = prepared_network(weights.build(spec), spec.task, torch.device(device), channels_last=channels_last, compile_mode=compile_mode)
+    network = fold_batch_norms(weights.build(spec).eval()) if fold else weights.build(spec)
+    model = prepared_network(network, spec.task, torch.device(device), channels_last=channels_last, compile_mode=compile_mode)
     if spec.task == "semantic":
         inputs = torch.randn(batch_size, 3, *weights.preprocessing.resized(height, width), device=device)
         inputs = inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -388,11 +398,12 @@ def measure(
     ray.data.DataContext.get_current().enable_auto_log_stats = True
     shape = {"count": count, "width": width, "height": height, "device": device, "batch_size": batch_size}
     spec = get_model_spec(model_name)
-    bf16, channels_last = own = execution(spec, "auto", torch.device(device))
+    bf16, channels_last = execution(spec, "auto", torch.device(device))
+    own = (bf16, channels_last, False)
     compared = [flags for flags in _VARIANTS.values()
-                if device == "cuda" and not skip_variants and (spec.task == "semantic" or not flags[1])]
-    # (bf16, channels_last) -> figures: the pipeline's own setting is timed once, also where it is a variant
-    timings = {flags: model_only(model_name, weights, **shape, bf16=flags[0], channels_last=flags[1])
+                if device == "cuda" and not skip_variants and (spec.task == "semantic" or not (flags[1] or flags[2]))]
+    # (bf16, channels_last, folded) -> figures: the pipeline's own setting is timed once, also where it is a variant
+    timings = {flags: model_only(model_name, weights, **shape, bf16=flags[0], channels_last=flags[1], fold=flags[2])
                for flags in dict.fromkeys([own, *compared])}  # fmt: skip
     only = _reported("model-only", timings[own])
     variants = _reported(
