@@ -476,7 +476,7 @@ def class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
     class, except where they disagree (along class borders, 0 to 6% of the pixels of the models'
     maps measured) and the four corners' logits are interpolated in float32 there. The upsampled
     logits (21 per pixel for DeepLabV3, 33 MB per 1024x768 image in bf16) are never made: on this
-    repository's CPU 1.3 to 5x faster than upsampling them (see benchmarks/BENCHMARKS.md). Class maps
+    repository's CPU 1.6 to 6x faster than upsampling them (see benchmarks/BENCHMARKS.md). Class maps
     equal float32 upsampling's but where two classes tie within float rounding (a few pixels in a
     million); eager bf16 upsampling rounds each upsampled logit to bf16 first, which makes more ties."""
     images_per_step = max(1, _OUTPUT_PIXELS_PER_STEP // (height * width))
