@@ -113,7 +113,7 @@ def model_only(
     model's batch norms into its convolutions on any device (the pipeline does so on CPUs only)."""
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
-    network = fold_batch_norms(weights.build(spec).eval()) if fold else weights.build(spec)
+    network = fold_batch_norms(weights.build(spec)) if fold else weights.build(spec)
     model = prepared_network(network, spec.task, torch.device(device), channels_last=channels_last, compile_mode=compile_mode)
     if spec.task == "semantic":
         inputs = torch.randn(batch_size, 3, *weights.preprocessing.resized(height, width), device=device)

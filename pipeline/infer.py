@@ -480,7 +480,8 @@ def class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
     equal float32 upsampling's but where two classes tie within float rounding (a few pixels in a
     million); eager bf16 upsampling rounds each upsampled logit to bf16 first, which makes more ties."""
     images_per_step = max(1, _OUTPUT_PIXELS_PER_STEP // (height * width))
-    return torch.cat([_class_maps_of_step(step, height, width) for step in logits.split(images_per_step)])
+    steps = [_class_maps_of_step(step, height, width) for step in logits.split(images_per_step)]
+    return steps[0] if len(steps) == 1 else torch.cat(steps)  # a batch is mostly one step: no copy of its maps
 
 
 def _class_maps_of_step(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:

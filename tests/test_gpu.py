@@ -1,6 +1,6 @@
 """The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, the device's
-run finding, union areas and batched mask paste equal the host's and torchvision's, compiled
-class maps equal eager ones but for ties, an actor on
+run finding, union areas and batched mask paste equal the host's and torchvision's, class maps
+equal float32 upsampling's but for ties, an actor on
 half a GPU keeps to half its memory, and ``segpipe run`` on a GPU, with one thread per actor or
 several, accounts for every image with the CPU run's outcome and, with trained weights, its masks.
 
