@@ -38,7 +38,7 @@ from pipeline.listing import Listing, ProcessedSources, Shard, list_shards
 from pipeline.read import read_shards
 from pipeline.schema import TABLE_SCHEMAS
 from pipeline.storage import absolute_uri
-from pipeline.write import partition_path, remove_stale_shards, shard_file, write_shards, written_shard_summary
+from pipeline.write import partition_path, remove_stale_shards, shard_file, shard_ids_written, write_shards, written_shard_summary
 
 # Read and write tasks mostly wait on storage: half a CPU each lets more of them overlap, and
 # keeps them from being fused into the model actors, which must not wait on I/O. Encode tasks
@@ -262,10 +262,11 @@ def error_rate_exceeded(manifest: dict) -> str | None:
 
 def _written_shards(config: RunConfig, run_id: str, shards: list[Shard]) -> dict[str, dict]:
     """Summaries of the shards that an interrupted attempt at this run already wrote."""
+    present = shard_ids_written(config.output, config.run_date, config.model)
     with ThreadPoolExecutor(max_workers=_CHECK_THREADS) as pool:
         summaries = pool.map(
             lambda shard: written_shard_summary(config.output, config.run_date, config.model, shard.shard_id, run_id),
-            shards,
+            [shard for shard in shards if shard.shard_id in present],
         )
         return {summary["shard_id"]: summary for summary in summaries if summary is not None}
 

@@ -86,6 +86,22 @@ def written_shard_summary(output: str, run_date: dt.date, model: str, shard_id: 
     )
 
 
+def shard_ids_written(output: str, run_date: dt.date, model: str) -> set[str]:
+    """The shards whose ``images`` file is in the partition of ``run_date`` and ``model``, whichever
+    run wrote them: one listing, where asking for each shard's file would take a request per shard."""
+    return retrying(lambda: _shard_ids_written(output, run_date, model), f"listing the shards written to {output}")
+
+
+def _shard_ids_written(output: str, run_date: dt.date, model: str) -> set[str]:
+    fs, directory = fsspec.core.url_to_fs(partition_path(output, "images", run_date, model))
+    fs.invalidate_cache(directory)  # the write tasks' processes may have written there since this one listed it
+    try:
+        names = [posixpath.basename(path) for path in fs.ls(directory, detail=False)]
+    except FileNotFoundError:
+        return set()
+    return {name.removeprefix("part-").removesuffix(".parquet") for name in names if name.startswith("part-") and name.endswith(".parquet")}
+
+
 def _written_shard_summary(output: str, run_date: dt.date, model: str, shard_id: str, run_id: str) -> dict | None:
     fs, _ = fsspec.core.url_to_fs(output)
     paths = {name: fsspec.core.url_to_fs(shard_file(output, name, run_date, model, shard_id))[1] for name in WRITE_ORDER}
@@ -113,13 +129,8 @@ def remove_stale_shards(output: str, run_date: dt.date, model: str, run_id: str,
 
 
 def _remove_stale_shards(output: str, run_date: dt.date, model: str, run_id: str, keep: set[str]) -> int:
-    fs, directory = fsspec.core.url_to_fs(partition_path(output, "images", run_date, model))
-    try:
-        names = [posixpath.basename(path) for path in fs.ls(directory, detail=False)]
-    except FileNotFoundError:
-        return 0
-    candidates = [name[len("part-") : -len(".parquet")] for name in names if name.startswith("part-") and name.endswith(".parquet")]
-    candidates = [shard_id for shard_id in candidates if shard_id not in keep]
+    fs = fsspec.core.url_to_fs(output)[0]
+    candidates = [shard_id for shard_id in _shard_ids_written(output, run_date, model) if shard_id not in keep]
 
     def stamped_by_this_run(shard_id: str) -> bool:
         path = fsspec.core.url_to_fs(shard_file(output, "images", run_date, model, shard_id))[1]
