@@ -15,8 +15,9 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   its argmax at the network's resolution, so this is what the pipeline adds to it on the device);
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
-  written (actor start-up, model load, the first shard's work) and the steady rate after it,
-  from the written files' times, and from the manifest when the slowest actor was ready, its
+  written (the driver's listing, actor start-up, model load, the first shard's work) and the
+  steady rate after it, from the written files' times, and from the manifest the listing's
+  seconds, when (after the listing) the slowest actor was ready, its
   constructor's seconds, and the seconds per stage (the actors' decode, model and tables; the
   CPU tasks' encode and write), of the first shard and of all;
 - **baseline**: a plain Ray Data script written the way Ray's batch-inference documentation
@@ -303,8 +304,8 @@ def end_to_end(
         "raw_class_map_bytes_per_rle_byte": raw_class_map_bytes / rle_bytes if rle_bytes else None,
         **{
             figure: manifest["timings"][figure]
-            for figure in ("actors_ready_seconds", "actor_process_started_seconds", "actor_import_started_seconds", "actor_imported_seconds",
-                           "actor_startup_seconds", "first_shard_stage_seconds", "stage_seconds")
+            for figure in ("listing_seconds", "actors_ready_seconds", "actor_process_started_seconds", "actor_import_started_seconds",
+                           "actor_imported_seconds", "actor_startup_seconds", "first_shard_stage_seconds", "stage_seconds")
         },
         **(sampler.summary() if sampler is not None else {"gpu_busy_percent": None, "peak_gpu_memory_mib": None}),
     }
@@ -449,6 +450,7 @@ def measure(
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
         "end_to_end_first_shard_seconds": whole["first_shard_seconds"],
+        "end_to_end_listing_seconds": whole["listing_seconds"],
         "end_to_end_actors_ready_seconds": whole["actors_ready_seconds"],
         "end_to_end_actor_process_started_seconds": whole["actor_process_started_seconds"],
         "end_to_end_actor_import_started_seconds": whole["actor_import_started_seconds"],

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from jobs.query import connect
-from jobs.summary import stage_line
+from jobs.summary import before_the_pipeline, stage_line
 from pipeline.decode import DecodeError, decode_image
 from pipeline.commit import read_manifests
 from pipeline.errors import InputError
@@ -192,7 +192,7 @@ def _page(
         ("images", f"{counts['images']} in: {counts['ok']} ok, {counts['error']} failed"),
         ("errors by type", errors),
         ("masks", str(counts["masks"])),
-        ("duration", f"{seconds:.1f} s (plus {timings['ray_startup_seconds']:.1f} s Ray start-up)"),
+        ("duration", f"{seconds:.1f} s (plus {before_the_pipeline(timings)})"),
         ("throughput", f"{counts['images'] / seconds if seconds else 0:.2f} images/s"),
         *([("stages", stage_line(timings))] if timings.get("stage_seconds") else []),
         ("model", f"{manifest['model']['name']} ({manifest['model']['task']})"),

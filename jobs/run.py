@@ -72,11 +72,13 @@ class _Run:
 
 @dataclass
 class _Plan(_Run):
-    """One run to do: its listing and what an interrupted attempt already wrote."""
+    """One run to do: its listing, what an interrupted attempt already wrote, and the seconds
+    that finding both took the driver before the pipeline could start."""
 
     listing: Listing
     processed: ProcessedSources | None
     written: dict[str, dict]
+    listing_seconds: float
 
 
 def run(config: RunConfig) -> dict:
@@ -138,6 +140,7 @@ def _plan(run: _Run, listings: dict[tuple, Listing]) -> _Plan:
     """The run's listing and what is already written of it. ``listings`` holds the full listings
     made so far, by input, shard size and limit."""
     config, spec, weights, run_id = run.config, run.spec, run.weights, run.run_id
+    started = time.monotonic()
     processed = (
         processed_sources(
             config.output,
@@ -159,7 +162,7 @@ def _plan(run: _Run, listings: dict[tuple, Listing]) -> _Plan:
     if not listing.shards and not listing.skipped_files:
         raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
     written = {} if config.force else _written_shards(config, run_id, listing.shards)
-    return _Plan(**vars(run), listing=listing, processed=processed, written=written)
+    return _Plan(**vars(run), listing=listing, processed=processed, written=written, listing_seconds=time.monotonic() - started)
 
 
 def _run_together(plans: list[_Plan], ray_startup_seconds: float, gpus_asked_at: float | None) -> list[dict]:
@@ -213,7 +216,7 @@ def _commit(plan: _Plan, shard_rows: dict[str, dict], timings: dict, decoded_wit
     manifest["sources_uri"] = write_sources(
         config.output, plan.run_id, listing.shards, {shard_id: row["images"] for shard_id, row in shard_rows.items()}
     )
-    manifest["timings"] = timings | _stage_timings(shard_rows.values())
+    manifest["timings"] = timings | {"listing_seconds": round(plan.listing_seconds, 3)} | _stage_timings(shard_rows.values())
     manifest["committed_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     return write_manifest(config.output, plan.run_id, manifest)
 

@@ -25,12 +25,9 @@ def format_summary(manifest: dict) -> str:
         f"FROM read_parquet('{output}/masks/**/*.parquet', hive_partitioning=true) "
         f"WHERE run_id = '{manifest['run_id']}' GROUP BY label ORDER BY masks DESC"
     )
-    waited_for_gpus = timings.get("waited_for_gpus_seconds")  # absent from older manifests
     lines = [
         "",
-        f"segpipe run {manifest['run_id']} committed in {seconds:.1f} s "
-        f"(plus {timings['ray_startup_seconds']:.1f} s Ray start-up"
-        + (f", {waited_for_gpus:.1f} s waiting for GPUs)" if waited_for_gpus else ")"),
+        f"segpipe run {manifest['run_id']} committed in {seconds:.1f} s (plus {before_the_pipeline(timings)})",
         f"  images      {counts['images']} in: {counts['ok']} ok, {failed}",
         f"  masks       {counts['masks']}" + (f": {shown}" if shown else ""),
         f"  throughput  {counts['images'] / seconds if seconds else 0.0:.2f} images/s",
@@ -61,6 +58,15 @@ _ACTOR_STEPS = (
     ("torch imported after", "actor_imported_seconds"),
 )
 """How an actor's wait before its constructor splits: (label, the manifest's timings key)."""
+
+
+def before_the_pipeline(timings: dict) -> str:
+    """The driver's seconds before the pipeline started, which the run's own seconds leave out."""
+    listing, waited_for_gpus = timings.get("listing_seconds"), timings.get("waited_for_gpus_seconds")  # absent from older manifests
+    parts = [f"{listing:.1f} s listing"] if listing is not None else []
+    parts.append(f"{timings['ray_startup_seconds']:.1f} s Ray start-up")
+    parts += [f"{waited_for_gpus:.1f} s waiting for GPUs"] if waited_for_gpus else []
+    return ", ".join(parts)
 
 
 def stage_line(timings: dict) -> str:
