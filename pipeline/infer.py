@@ -9,7 +9,8 @@ at one size (so that no image's results depend on its neighbours; ``pad_to_multi
 semantic inputs up to share more batches), and hands on each image's runs and detections, which
 the encode stage (:mod:`pipeline.encode`, CPU tasks) turns into RLE strings and table rows.
 With ``threads_per_actor`` above 1, Ray calls it from that many threads at once, a shard each,
-each thread on a CUDA stream of its own.
+each thread on a CUDA stream of its own; a semantic network's forward passes then run on one
+thread of their own (:class:`OneNetworkThread`), so that cuDNN searches each shape's kernels once.
 
 On a GPU, compressed bytes are what crosses the object store and the host: complete RGB JPEGs
 are decoded a window at a time on the device (nvjpeg, through ``torchvision.io.decode_jpeg``),
@@ -177,6 +178,8 @@ class SegmentShards:
             model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
         bf16, channels_last = execution(spec, config.precision, self.device)
         model = prepared_network(model, spec.task, self.device, channels_last=channels_last, compile_mode=config.compile)
+        if spec.task == "semantic" and self.device.type == "cuda" and config.threads_per_actor > 1:
+            model = OneNetworkThread(model)
         return LoadedModel(config, run_id, spec, weights.preprocessing, model, bf16, channels_last)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -439,6 +442,36 @@ class _AnyBatchSize(nn.Module):
     def forward(self, batch: torch.Tensor, *rest: object) -> object:
         torch._dynamo.maybe_mark_dynamic(batch, 0)
         return self.compiled(batch, *rest)
+
+
+class OneNetworkThread(nn.Module):
+    """A semantic network whose forward passes, whichever threads call it, run on one thread of
+    its own, on the calling thread's CUDA stream and under its inference and autocast modes.
+
+    PyTorch keeps cuDNN's kernel choices (``cudnn.benchmark``) per thread, so each of a threaded
+    actor's threads would search kernels for every input shape, all of them at once on the first
+    shard, each timing its candidates among the others' kernels. On one thread each shape is
+    searched once. Semantic networks queue their kernels without waiting for the device, so one
+    thread queues all the forward passes while the callers' kernels run on their own streams."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="network")
+
+    def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        device_type = inputs.device.type
+        # all three are the calling thread's own: the network's thread must take them on
+        stream = torch.cuda.current_stream(inputs.device) if device_type == "cuda" else None
+        autocast = {"enabled": torch.is_autocast_enabled(device_type), "dtype": torch.get_autocast_dtype(device_type)}
+        inference = torch.is_inference_mode_enabled()
+
+        def forward_here() -> dict[str, torch.Tensor]:
+            on_stream = torch.cuda.stream(stream) if stream is not None else nullcontext()
+            with torch.inference_mode(inference), on_stream, torch.autocast(device_type, **autocast):
+                return self.network(inputs)
+
+        return self.thread.submit(forward_here).result()
 
 
 def execution(spec: ModelSpec, precision: str, device: torch.device) -> tuple[bool, bool]:

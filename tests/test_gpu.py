@@ -1,8 +1,9 @@
 """The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, the device's
 run finding, union areas and batched mask paste equal the host's and torchvision's, class maps
-equal float32 upsampling's but for ties, an actor on
-half a GPU keeps to half its memory, and ``segpipe run`` on a GPU, with one thread per actor or
-several, accounts for every image with the CPU run's outcome and, with trained weights, its masks.
+equal float32 upsampling's but for ties, a threaded actor's network thread queues its kernels on
+each caller's stream, an actor on half a GPU keeps to half its memory, and ``segpipe run`` on a
+GPU, with one thread per actor or several, accounts for every image with the CPU run's outcome
+and, with trained weights, its masks.
 
 Skipped where there is no GPU (CI has none); run on a GPU machine with ``pytest tests/test_gpu.py``.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ import pytest
 import ray
 import torch
 import torch.nn.functional as nn_functional
+from torch import nn
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from jobs.run import run
@@ -29,7 +32,7 @@ from models import get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.decode import decode_image, device_decodable_jpeg
 from pipeline.encode import map_runs, summarize_detections
-from pipeline.infer import SegmentShards, class_maps, predict_detections, upsampled_class_maps
+from pipeline.infer import OneNetworkThread, SegmentShards, class_maps, predict_detections, upsampled_class_maps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
@@ -71,6 +74,28 @@ def test_class_maps_on_the_gpu_are_those_of_float32_upsampling_but_for_ties(memo
         maps, exact = class_maps(logits, 768, 1024), upsampled_class_maps(logits.float(), 768, 1024)
     assert maps.dtype == torch.uint8 and maps.shape == (5, 768, 1024)
     assert (maps != exact).float().mean() < 1e-5
+
+
+class ReportsItsStream(nn.Module):
+    """A network that says which CUDA stream its kernels went to."""
+
+    def forward(self, inputs: torch.Tensor) -> dict:
+        return {"out": inputs + 1, "stream": torch.cuda.current_stream(inputs.device)}
+
+
+def test_a_threaded_actors_network_queues_its_kernels_on_each_calling_threads_stream() -> None:
+    network = OneNetworkThread(ReportsItsStream())
+
+    def call(_: int) -> tuple[torch.cuda.Stream, dict]:
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):  # the caller's later kernels read the logits in this stream's order
+            return stream, network(torch.zeros(4, device="cuda"))
+
+    with ThreadPoolExecutor(4) as callers:
+        for stream, output in callers.map(call, range(8)):
+            assert output["stream"] == stream
+            stream.synchronize()
+            assert output["out"].tolist() == [1.0] * 4
 
 
 def test_batched_mask_paste_on_the_gpu_equals_torchvisions_forward() -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +28,7 @@ from pipeline.config import RunConfig
 from pipeline.encode import encode_shards
 from pipeline import infer
 from pipeline.infer import (
+    OneNetworkThread,
     SegmentShards,
     class_maps,
     compile_network,
@@ -280,3 +283,29 @@ def test_class_maps_in_many_small_steps_and_chunks_are_the_same(monkeypatch: pyt
         monkeypatch.setattr(infer, "_OUTPUT_PIXELS_PER_STEP", 2 * 40 * 50)  # steps of two images, then one
         monkeypatch.setattr(infer, "_GATHERED_LOGITS_PER_CHUNK", 4 * 21 * 100)  # a hundred pixels interpolated at once
         assert torch.equal(class_maps(logits, 40, 50), whole)
+
+
+class ReportsItsThreadAndModes(nn.Module):
+    """A network that says which thread ran it and under which modes; out of memory for an empty input."""
+
+    def forward(self, inputs: torch.Tensor) -> dict:
+        if not inputs.numel():
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        modes = (torch.is_inference_mode_enabled(), torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+        return {"out": inputs.sum(), "thread": threading.get_ident(), "modes": modes}
+
+
+def test_a_threaded_actors_network_runs_on_one_thread_in_each_callers_modes() -> None:
+    network = OneNetworkThread(ReportsItsThreadAndModes())
+
+    def call(bf16: bool) -> dict:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return network(torch.ones(3))
+
+    with ThreadPoolExecutor(4) as callers:
+        outputs = list(callers.map(call, [True, False] * 4))
+    assert len({output["thread"] for output in outputs}) == 1  # one cuDNN kernel search per shape on a GPU
+    assert [output["modes"] for output in outputs] == [(True, True, torch.bfloat16), (True, False, torch.bfloat16)] * 4
+    assert all(output["out"].item() == 3 for output in outputs)
+    with pytest.raises(torch.OutOfMemoryError):  # what makes the actor halve the batch
+        network(torch.ones(0))
