@@ -1,5 +1,8 @@
-"""The model actor under memory pressure: a batch that runs out of device memory is split and
-retried down to single images; only an image that does not fit alone becomes an error row.
+"""The model actor and its inference steps. Under memory pressure a batch that runs out of device
+memory is split and retried down to single images; only an image that does not fit alone becomes
+an error row. Images batch by the size they enter the network at; compiled, folded and
+channels_last networks give the eager ones' results; class maps equal upsample-then-argmax; a
+threaded actor's network on one thread of its own gives a one-thread actor's rows.
 
 No GPU here: ``DeviceWithRoomFor`` stands in for one by raising ``torch.OutOfMemoryError``, the
 error CUDA raises, when a forward pass needs more than its capacity.
@@ -90,10 +93,13 @@ def _segment(config: RunConfig, batch: pa.Table, capacity: int | None, *, calls:
     )
     for _ in range(calls):
         out = ray.get(actor.__call__.remote(batch))
+    return *_rows(out, weights), ray.get(actor.batch_sizes.remote())
+
+
+def _rows(out: pa.Table, weights: Weights) -> tuple[list[dict], list[dict]]:
+    """The ``images`` and ``masks`` rows of the actor's row for one shard."""
     out = encode_shards(out, categories={"test": weights.categories})
-    images = unnest(out.column("images")[0], IMAGES_SCHEMA).to_pylist()
-    masks = unnest(out.column("masks")[0], MASKS_SCHEMA).to_pylist()
-    return images, masks, ray.get(actor.batch_sizes.remote())
+    return unnest(out.column("images")[0], IMAGES_SCHEMA).to_pylist(), unnest(out.column("masks")[0], MASKS_SCHEMA).to_pylist()
 
 
 def test_out_of_memory_splits_the_batch_down_to_one_image_and_later_batches_fit(tmp_path: Path) -> None:
@@ -309,3 +315,30 @@ def test_a_threaded_actors_network_runs_on_one_thread_in_each_callers_modes() ->
     assert all(output["out"].item() == 3 for output in outputs)
     with pytest.raises(torch.OutOfMemoryError):  # what makes the actor halve the batch
         network(torch.ones(0))
+
+
+class NetworkOnOneThread(SegmentShards):
+    """The model actor with its networks on one thread of their own, as a threaded actor runs
+    semantic networks on a GPU (:class:`OneNetworkThread`), here on the CPU."""
+
+    def __init__(self, *, weights: Weights, **kwargs) -> None:
+        super().__init__(weights=[ray.put(weights)], **kwargs)
+        for loaded in self.models:
+            loaded.model = OneNetworkThread(loaded.model)
+
+
+def test_a_threaded_actor_with_its_network_on_one_thread_writes_the_rows_of_a_one_thread_actor(tmp_path: Path) -> None:
+    for name, png in shape_pngs(16, seed=3, size=96).items():
+        (tmp_path / name).write_bytes(png)
+    config = RunConfig(input=str(tmp_path), output="unused", model="unet", weights="shapes", batch_size=2, threads_per_actor=4,
+                       run_date=dt.date(2026, 11, 27))  # fmt: skip
+    batches = [read_shards(pa.table({"shard": [shard.to_json()]}), image_column=config.image_column)
+               for shard in list_shards(str(tmp_path), files_per_shard=4).shards]  # fmt: skip
+    weights = resolve_weights(config.weights, get_model_spec(config.model))
+    settings = {"configs": [config], "run_ids": ["test"], "device": "cpu", "weights": ray.put(weights), "pipeline_started_at": time.time()}
+    threaded = ray.remote(num_cpus=1, max_concurrency=4)(NetworkOnOneThread).remote(**settings)
+    alone = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(capacity=1 << 62, **settings)
+    at_once = ray.get([threaded.__call__.remote(batch) for batch in batches])  # four shards in four threads
+    one_by_one = [ray.get(alone.__call__.remote(batch)) for batch in batches]
+    assert [_rows(out, weights) for out in at_once] == [_rows(out, weights) for out in one_by_one]
+    assert sum(len(_rows(out, weights)[1]) for out in at_once) >= 16
