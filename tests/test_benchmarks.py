@@ -84,7 +84,7 @@ def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
     assert figures["segpipe_settings"] == {"files_per_shard": 4, "compile": "off", "actors": None, "threads_per_actor": 1}
     # where the wait before the first shard went: the driver's listing, getting the actor up, then the shard's own stages
     assert 0 < figures["end_to_end_actors_ready_seconds"] < figures["end_to_end_first_shard_seconds"]
-    assert 0 < figures["end_to_end_listing_seconds"] < figures["end_to_end_first_shard_seconds"]
+    assert 0 <= figures["end_to_end_listing_seconds"] < figures["end_to_end_first_shard_seconds"]
     assert set(figures["end_to_end_first_shard_stage_seconds"]) == set(figures["end_to_end_stage_seconds"])
 
 

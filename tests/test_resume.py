@@ -76,7 +76,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_shards(archive: Path, 
     assert timings["actor_process_started_seconds"] < timings["actor_import_started_seconds"] < timings["actor_imported_seconds"]
     assert timings["actor_imported_seconds"] < constructor_began
     # the driver's listing before the pipeline is apart from it, and the summary's first line says it
-    assert 0 < timings["listing_seconds"] < 60
+    assert 0 <= timings["listing_seconds"] < 60  # rounded to milliseconds: a few local files list in less
     assert f"(plus {timings['listing_seconds']:.1f} s listing, " in format_summary(first)
     # as if the driver died after three shards: the manifest and one shard's images file are missing
     Path(first["manifest_uri"].removeprefix("file://")).unlink()
