@@ -28,7 +28,7 @@ import ray
 import ray.data
 from ray.autoscaler.sdk import request_resources
 
-from models import ModelSpec, Weights, display_uri, get_model_spec, resolve_weights
+from models import ModelSpec, Weights, get_model_spec, resolve_weights
 from pipeline.commit import processed_sources, read_manifest, write_manifest, write_sources
 from pipeline.config import RunConfig
 from pipeline.encode import encode_shards
@@ -37,7 +37,7 @@ from pipeline.infer import SegmentShards
 from pipeline.listing import Listing, ProcessedSources, Shard, list_shards
 from pipeline.read import read_shards
 from pipeline.schema import TABLE_SCHEMAS
-from pipeline.storage import absolute_uri
+from pipeline.storage import absolute_uri, display_uri
 from pipeline.write import partition_path, remove_stale_shards, shard_file, shard_ids_written, write_shards, written_shard_summary
 
 # Read and write tasks mostly wait on storage: half a CPU each lets more of them overlap, and

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models import display_uri
+from pipeline.storage import display_uri
 
 _TOP_LABELS = 8
 

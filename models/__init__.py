@@ -12,7 +12,7 @@ from models import (  # noqa: F401
     unet,
 )
 from models.registry import ModelError, ModelSpec, Preprocessing, Task, get_model_spec, list_models
-from models.weights import Weights, display_uri, resolve_weights, sidecar_uri
+from models.weights import Weights, resolve_weights, sidecar_uri
 
 __all__ = [
     "ModelError",
@@ -20,7 +20,6 @@ __all__ = [
     "Preprocessing",
     "Task",
     "Weights",
-    "display_uri",
     "get_model_spec",
     "list_models",
     "resolve_weights",

@@ -26,7 +26,6 @@ import json
 import os
 import pickle
 import urllib.error
-import urllib.parse
 from dataclasses import dataclass
 
 import fsspec
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from models.registry import ModelError, ModelSpec, Preprocessing
+from pipeline.storage import display_uri
 
 RANDOM_SEED = 0
 _SHA256_PIN = "#sha256="
@@ -107,17 +107,6 @@ def load_state_dict_into(module: nn.Module, state_dict: dict[str, torch.Tensor],
     except RuntimeError as error:
         first_problem = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
         raise ModelError(f"weights do not fit {model_name}: {first_problem}") from None
-
-
-def display_uri(uri: str) -> str:
-    """``uri`` as shown to people: local files as plain paths; no user info or query string,
-    which may carry credentials or signatures."""
-    if uri.startswith("file://"):
-        return uri.removeprefix("file://")
-    parts = urllib.parse.urlsplit(uri)
-    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
-        return uri
-    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
 
 
 def _normalise_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Storage primitives every stage and job uses: absolute URIs, whole-object writes, and retries.
+"""Storage primitives every stage and job uses: absolute URIs, URIs as shown to people, whole-object writes, and retries.
 
 Object stores fail transiently: connections refused or reset while a server restarts, timeouts,
 ``503 SlowDown``. :func:`retrying` repeats an operation through such errors with exponential
@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -107,6 +108,17 @@ def absolute_uri(uri: str) -> str:
     """``uri`` with its protocol, local paths made absolute: what every Ray worker can open."""
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.unstrip_protocol(path).rstrip("/")
+
+
+def display_uri(uri: str) -> str:
+    """``uri`` as shown to people: local files as plain paths; no user info or query string,
+    which may carry credentials or signatures."""
+    if uri.startswith("file://"):
+        return uri.removeprefix("file://")
+    parts = urllib.parse.urlsplit(uri)
+    if not parts.scheme or len(parts.scheme) == 1:  # a local path (or a Windows drive letter)
+        return uri
+    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
 
 
 def write_object(uri: str, data: bytes) -> int:
