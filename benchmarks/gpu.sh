@@ -9,6 +9,10 @@
 # overruns leaves the others their figures, and each benchmark phase logs its figures as it
 # ends. The defaults fill one 10-minute call. Counts are large so that start-up (10-25 s) does
 # not decide the end-to-end figure; corpora beyond 4096 images repeat them as hard links.
+# NAME_long (lraspp_long, deeplab_long) is the run that reaches the model's end-to-end target, its
+# image count sized by benchmarks.long_run from the figures of NAME_threads earlier in the same
+# call to fit in the seconds CALL_SECONDS (default 570: the call's limit, less what ran before
+# this script) leaves; it runs only where the steady rate clears the target and the run fits.
 # EXTRA passes more flags to every benchmark (EXTRA="--actors 8", say). A dry run of the script
 # on a CPU, where only lraspp finishes within its limit: DEVICE=cpu TEST_SECONDS=0 BENCHMARKS=lraspp LRASPP_COUNT=4.
 set -u
@@ -36,12 +40,21 @@ if [ "${TEST_SECONDS:-120}" -gt 0 ]; then
 fi
 bench() {  # bench NAME SECONDS MODEL COUNT BATCH FILES_PER_SHARD [more throughput flags]
   local name=$1 seconds=$2 model=$3 count=$4 batch=$5 shard=$6 work; shift 6; work=$(mktemp -d)
-  # benchmarks of one image count read the same JPEGs, made by the first of them
-  mkdir -p "$corpora/$count"; ln -s "$corpora/$count" "$work/images"
+  # every benchmark reads the same JPEGs, made by the first of them (a folder holds exactly the count asked for)
+  ln -s "$corpora" "$work/images"
   timeout "$seconds" python3 -m benchmarks.throughput --model "$model" --count "$count" --batch-size "$batch" \
     --files-per-shard "$shard" --size 1024x768 --device "${DEVICE:-cuda}" --workdir "$work" --json ${EXTRA:-} "$@" >"$out/$name.json" 2>"$out/$name.log"
   echo "$name exit $?"; grep -E "^benchmark |Error|error:" "$out/$name.log" | tail -n 8
   rm -rf "$work"; stop_ray
+}
+long_bench() {  # long_bench NAME SHORT MODEL BATCH FILES_PER_SHARD TARGET_FLAG VALUE: sized from SHORT's figures
+  local name=$1 short=$2 model=$3 batch=$4 shard=$5 left count; shift 5
+  left=$(( ${CALL_SECONDS:-570} - SECONDS ))
+  count=$(python3 -m benchmarks.long_run "$out/$short.json" "$@" --seconds-left "$left" 2>"$out/$name.sizing.log") || count=0
+  echo "$name: $(tail -n 1 "$out/$name.sizing.log")"
+  if [ "${count:-0}" -gt 0 ]; then
+    bench "$name" "$((left - 5))" "$model" "$count" "$batch" "$shard" --skip-baseline --skip-variants --threads-per-actor 4
+  fi
 }
 for name in ${BENCHMARKS:-deeplab lraspp maskrcnn}; do
   case $name in
@@ -64,7 +77,10 @@ for name in ${BENCHMARKS:-deeplab lraspp maskrcnn}; do
     # the actor alone on 2048 images (no Ray Data around it) and PyTorch's profile of it, in the log
     deeplab_profile) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 2048 32 64 --skip-baseline --skip-variants --profile ;;
     lraspp_profile) bench "$name" "${LRASPP_SECONDS:-120}" lraspp_mobilenet_v3_large 4096 32 64 --skip-baseline --skip-variants --profile ;;
+    # the runs that reach the targets end to end, where this call's *_threads figures say they can
+    lraspp_long) long_bench "$name" lraspp_threads lraspp_mobilenet_v3_large 32 64 --target-ips 1500 ;;
+    deeplab_long) long_bench "$name" deeplab_threads deeplabv3_resnet50 32 64 --target-model-ratio 0.9 ;;
     maskrcnn_threads) bench "$name" "${MASKRCNN_SECONDS:-100}" maskrcnn_resnet50_fpn "${MASKRCNN_COUNT:-2400}" 8 32 --threads-per-actor 4 ;;
-    *) echo "unknown benchmark $name (deeplab, deeplab_8_actors, deeplab_compiled, deeplab_compiled_threads, deeplab_cudagraphs, deeplab_profile, deeplab_threads, lraspp, lraspp_profile, lraspp_threads, maskrcnn, maskrcnn_threads)" ;;
+    *) echo "unknown benchmark $name (deeplab, deeplab_8_actors, deeplab_compiled, deeplab_compiled_threads, deeplab_cudagraphs, deeplab_long, deeplab_profile, deeplab_threads, lraspp, lraspp_long, lraspp_profile, lraspp_threads, maskrcnn, maskrcnn_threads)" ;;
   esac
 done

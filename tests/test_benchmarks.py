@@ -18,6 +18,7 @@ from PIL import Image
 
 from benchmarks import corpus
 from benchmarks.corpus import write_jpegs
+from benchmarks.long_run import best_model_only_ips, images_needed
 from benchmarks.memory import tree_pss
 from benchmarks.tables import shard_outputs, tables_microseconds
 
@@ -93,3 +94,18 @@ def test_throughput_harness_times_instance_models_as_the_pipeline_and_as_torchvi
     figures = _throughput("maskrcnn_mobilenet_v3_small_fpn", tmp_path)
     assert figures["model_only_ips"] > 0 and figures["torchvision_forward_ips"] > 0
     assert figures["ok_images"] == 8 and figures["baseline_ips"] is None
+
+
+def test_a_long_run_is_sized_from_a_short_runs_start_up_and_steady_rate() -> None:
+    short = {"count": 30000, "end_to_end_first_shard_seconds": 18.0, "end_to_end_listing_seconds": 0.6,
+             "end_to_end_steady_ips": 2000.0, "model_only_ips": 2100.0}  # fmt: skip
+    count, reason = images_needed(short, target_ips=1500, seconds_left=600, overhead_seconds=60)
+    assert count % 4096 == 0, reason
+    # the driver's work before the first shard grows with the count: twice the short run's listing per image
+    prelude = 2 * 0.6 / 30000
+    seconds = 18.0 + prelude * (count - 30000) + count / 2000
+    assert 1500 * 1.03 <= count / seconds < 1500 * 1.03 * 1.05
+    assert images_needed(short, target_ips=1990, seconds_left=600, overhead_seconds=60)[0] == 0  # not above it with the margin
+    assert images_needed(short, target_ips=1500, seconds_left=100, overhead_seconds=60)[0] == 0  # no time for it
+    variants = {**short, "model_only_variants_ips": {"fp32": 900.0, "bf16, folded batch norms": 2400.0}}
+    assert best_model_only_ips(variants) == 2400.0 and best_model_only_ips(short) == 2100.0
