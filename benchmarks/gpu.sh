@@ -11,8 +11,9 @@
 # not decide the end-to-end figure; corpora beyond 4096 images repeat them as hard links.
 # NAME_long (lraspp_long, deeplab_long) is the run that reaches the model's end-to-end target, its
 # image count sized by benchmarks.long_run from the figures of NAME_threads earlier in the same
-# call to fit in the seconds CALL_SECONDS (default 570: the call's limit, less what ran before
-# this script) leaves; it runs only where the steady rate clears the target and the run fits.
+# call to fit in the seconds CALL_SECONDS leaves; it runs only where the steady rate clears the
+# target and the run fits. No benchmark runs past CALL_SECONDS (default 570: the call's limit,
+# less what ran before this script); one with less than 30 s left is skipped.
 # EXTRA passes more flags to every benchmark (EXTRA="--actors 8", say). A dry run of the script
 # on a CPU, where only lraspp finishes within its limit: DEVICE=cpu TEST_SECONDS=0 BENCHMARKS=lraspp LRASPP_COUNT=4.
 set -u
@@ -39,7 +40,10 @@ if [ "${TEST_SECONDS:-120}" -gt 0 ]; then
   stop_ray
 fi
 bench() {  # bench NAME SECONDS MODEL COUNT BATCH FILES_PER_SHARD [more throughput flags]
-  local name=$1 seconds=$2 model=$3 count=$4 batch=$5 shard=$6 work; shift 6; work=$(mktemp -d)
+  local name=$1 seconds=$2 model=$3 count=$4 batch=$5 shard=$6 left=$(( ${CALL_SECONDS:-570} - SECONDS - 5 )) work; shift 6
+  if [ "$left" -lt "$seconds" ]; then seconds=$left; fi  # what the call has left
+  if [ "$seconds" -lt 30 ]; then echo "$name skipped: ${left} s left of CALL_SECONDS"; return; fi
+  work=$(mktemp -d)
   # every benchmark reads the same JPEGs, made by the first of them (a folder holds exactly the count asked for)
   ln -s "$corpora" "$work/images"
   timeout "$seconds" python3 -m benchmarks.throughput --model "$model" --count "$count" --batch-size "$batch" \

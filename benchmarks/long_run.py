@@ -11,7 +11,7 @@ seconds. ``benchmarks/gpu.sh`` uses it to size the long runs within the call tha
 short ones, since a GPU machine's start costs minutes of a session's device time.
 
 The driver's work before the pipeline starts grows with the image count (the listing, and Ray
-Data's one block per shard, which costs about as much again: BENCHMARKS.md, thirteenth
+Data's one block per shard, which costs about as much again: benchmarks/HISTORY.md, thirteenth
 session), so T0 grows by twice the short run's listing seconds per image.
 """
 

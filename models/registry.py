@@ -98,7 +98,7 @@ class ModelSpec:
     cuda: CudaExecution = CudaExecution()
     cpu_channels_last: bool = False
     """Whether the model runs on NHWC input on CPUs, where oneDNN's NHWC convolutions measured
-    faster for it (``benchmarks/BENCHMARKS.md``, 2-core x86 machine): 1.1x to 1.6x for
+    faster for it (``benchmarks/HISTORY.md``, 2-core x86 machine): 1.1x to 1.6x for
     DeepLabV3 (ResNets and MobileNet), LR-ASPP and segpipe's U-Net, LinkNet and RefineNet; not
     for FCN, PSPNet or the R-CNN family."""
 

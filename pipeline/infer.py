@@ -289,7 +289,7 @@ class SegmentShards:
         (pytorch/vision#9606). The caching allocator gives a stream's freed memory back to that
         stream only, so the other threads' queued kernels (``threads_per_actor``) are no hazard. A
         version that decoded the next window in a thread beside the models ran past every time
-        limit on the H100 (see benchmarks/BENCHMARKS.md)."""
+        limit on the H100 (see benchmarks/HISTORY.md)."""
         if not indices:
             return {}
         data = [torch.frombuffer(bytearray(images[index]["data"]), dtype=torch.uint8) for index in indices]
@@ -410,7 +410,7 @@ def compile_network(model: nn.Module, task: str, mode: str) -> nn.Module:
     at the end of a run on the H200); other input sizes are made dynamic once a second one is
     seen. Inductor freezes the weights as constants (segpipe only infers), so that each batch
     norm folds into the convolution before it instead of costing a pass over its activations
-    (see benchmarks/BENCHMARKS.md)."""
+    (see benchmarks/HISTORY.md)."""
     from torch._inductor import list_mode_options  # the compiler loads only where it is asked for
 
     options = {**list_mode_options(mode), "freezing": True}
@@ -509,7 +509,7 @@ def class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
     class, except where they disagree (along class borders, 0 to 6% of the pixels of the models'
     maps measured) and the four corners' logits are interpolated in float32 there. The upsampled
     logits (21 per pixel for DeepLabV3, 33 MB per 1024x768 image in bf16) are never made: on this
-    repository's CPU 1.6 to 6x faster than upsampling them (see benchmarks/BENCHMARKS.md). Class maps
+    repository's CPU 1.6 to 6x faster than upsampling them (see benchmarks/HISTORY.md). Class maps
     equal float32 upsampling's but where two classes tie within float rounding (a few pixels in a
     million); eager bf16 upsampling rounds each upsampled logit to bf16 first, which makes more ties."""
     images_per_step = max(1, _OUTPUT_PIXELS_PER_STEP // (height * width))
