@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 # segpipe enforces its own --max-pixels limit below; Pillow's global guard would override it.
@@ -67,15 +68,17 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise DecodeError("decode_error", f"{image.format} {image.mode} image cannot be decoded: {error}") from None
 
 
-def device_decodable_jpeg(data: bytes, *, max_pixels: int) -> bool:
+def device_decodable_jpeg(data: bytes | memoryview, *, max_pixels: int) -> bool:
     """Whether a GPU's JPEG decoder may take ``data`` in place of :func:`decode_image`: a complete
     (ending in the end-of-image marker), three-channel, upright (no EXIF rotation) JPEG within
     the limits, which both decoders turn into the same pixels up to their rounding. Anything
-    else, every broken file included, stays on the host and gets its checks and error rows."""
-    if not data.startswith(b"\xff\xd8\xff") or not data.endswith(b"\xff\xd9"):
+    else, every broken file included, stays on the host and gets its checks and error rows.
+    ``data`` may be a view of bytes held elsewhere: the header is read without copying the file."""
+    data = memoryview(data).cast("B")
+    if data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return False
     try:
-        with Image.open(io.BytesIO(data), formats=("JPEG",)) as image:  # reads the header only
+        with Image.open(pa.BufferReader(data), formats=("JPEG",)) as image:  # reads the header only
             return (
                 image.mode == "RGB"
                 and _refusal(*image.size, max_pixels=max_pixels) is None

@@ -48,6 +48,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,7 +72,10 @@ from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
 from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
 from pipeline.errors import CompileFailed
-from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, nest, rows_to_table, single_array, unnest
+from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, binary_views, nest, rows_to_table, single_array, unnest
+
+# The JPEG decoder only reads the bytes it is given, which may be the object store's read-only memory.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 _IMPORTED_AT = time.time()
 """When this process had imported torch, torchvision and segpipe's models (an actor's ``imported`` figure)."""
@@ -189,7 +193,7 @@ class SegmentShards:
             self.start_figures = {}
         with torch.inference_mode(), self._own_stream():
             for shard_id, cell in zip(batch.column("shard_id").to_pylist(), batch.column("images")):
-                per_model = self._segment_shard(shard_id, unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist())
+                per_model = self._segment_shard(shard_id, _shard_images(cell))
                 for loaded, (images, outputs) in zip(self.models, per_model):
                     columns["shard_id"].append(shard_id)
                     columns["run_id"].append(loaded.run_id)
@@ -292,7 +296,7 @@ class SegmentShards:
         limit on the H100 (see benchmarks/HISTORY.md)."""
         if not indices:
             return {}
-        data = [torch.frombuffer(bytearray(images[index]["data"]), dtype=torch.uint8) for index in indices]
+        data = [torch.frombuffer(images[index]["data"], dtype=torch.uint8) for index in indices]
         try:
             return dict(zip(indices, decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)))
         except RuntimeError:
@@ -637,15 +641,25 @@ def kept_detections(
         yield boxes, output["labels"][keep], output["scores"][keep], masks
 
 
-def _decode_on_host(data: bytes, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
+def _decode_on_host(data: memoryview, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
     """RGB uint8 ``(3, H, W)`` pixels or the :class:`DecodeError`; ``None`` for a JPEG that the
     device decodes instead, when it can."""
     if device_can_decode and device_decodable_jpeg(data, max_pixels=max_pixels):
         return None
     try:
-        return torch.from_numpy(decode_image(data, max_pixels=max_pixels)).permute(2, 0, 1)
+        return torch.from_numpy(decode_image(bytes(data), max_pixels=max_pixels)).permute(2, 0, 1)
     except DecodeError as error:
         return error
+
+
+def _shard_images(cell: pa.Scalar) -> list[dict]:
+    """One shard's images as rows, each ``data`` a view of its encoded bytes where the batch
+    holds them (in the object store), not a copy."""
+    table = unnest(cell, ENCODED_IMAGE_SCHEMA)
+    rows = table.drop_columns(["data"]).to_pylist()
+    for row, data in zip(rows, binary_views(table.column("data"))):
+        row["data"] = data
+    return rows
 
 
 def _error(error_type: str, message: str) -> dict:

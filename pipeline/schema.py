@@ -129,6 +129,20 @@ def unnest(cell: pa.Scalar, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_struct_array(values).cast(schema)
 
 
+def binary_views(column: pa.ChunkedArray) -> list[memoryview | None]:
+    """The values of a ``large_binary`` column as views of the column's own data buffer (``None``
+    for nulls): ``to_pylist`` copies each value into a new ``bytes`` object, 100 KB and more for
+    an image, where a view costs nothing. The views keep the buffer (in the object store, say) alive."""
+    views: list[memoryview | None] = []
+    for chunk in column.chunks:
+        _, offsets, data = chunk.buffers()
+        bounds = memoryview(offsets).cast("q")[chunk.offset : chunk.offset + len(chunk) + 1].tolist()
+        values = memoryview(data if data is not None else b"").cast("B")
+        valid = chunk.is_valid().to_pylist()
+        views += [values[start:end] if ok else None for start, end, ok in zip(bounds, bounds[1:], valid)]
+    return views
+
+
 def rows_to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 

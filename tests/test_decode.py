@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import skimage.data
 from PIL import Image
@@ -108,3 +109,7 @@ def test_only_complete_upright_rgb_jpegs_within_the_limits_go_to_the_gpu_decoder
     for name, data in refused.items():
         assert not device_decodable_jpeg(data, max_pixels=10**8), name
     assert not device_decodable_jpeg(plain, max_pixels=512 * 512 - 1)  # over --max-pixels: the host path refuses it
+    # as the actors pass them: views of the bytes where the object store holds them, amid other files' bytes
+    held = pa.py_buffer(b"\xff\xd9" + plain + refused["exif rotation"])
+    assert device_decodable_jpeg(memoryview(held)[2 : 2 + len(plain)], max_pixels=10**8)
+    assert not device_decodable_jpeg(memoryview(held)[2 + len(plain) :], max_pixels=10**8)

@@ -8,7 +8,16 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, TABLE_SCHEMAS, nest, rows_to_table, unnest
+from pipeline.schema import (
+    ENCODED_IMAGE_SCHEMA,
+    IMAGES_SCHEMA,
+    MASKS_SCHEMA,
+    TABLE_SCHEMAS,
+    binary_views,
+    nest,
+    rows_to_table,
+    unnest,
+)
 from pipeline.write import shard_file, write_shards
 
 ARCHITECTURE_COLUMNS = {
@@ -35,6 +44,16 @@ def test_nest_round_trip_keeps_rows_and_empty_shards() -> None:
     assert unnest(cell[0], ENCODED_IMAGE_SCHEMA).to_pylist() == rows
     empty = nest(ENCODED_IMAGE_SCHEMA.empty_table())
     assert unnest(empty[0], ENCODED_IMAGE_SCHEMA).schema == ENCODED_IMAGE_SCHEMA
+
+
+def test_binary_views_give_each_value_without_copying_it() -> None:
+    rows = [{"image_id": str(index), "uri": "", "size_bytes": None, "data": data, "error_type": None, "error_message": None}
+            for index, data in enumerate([b"abc", None, b"", b"\xff\xd8\xff\xd9"])]  # fmt: skip
+    shard = unnest(nest(rows_to_table(rows, ENCODED_IMAGE_SCHEMA))[0], ENCODED_IMAGE_SCHEMA).slice(1)
+    column = pa.chunked_array([*shard.column("data").chunks, pa.array([b"q"], pa.large_binary())])
+    views = binary_views(column)
+    assert [None if view is None else bytes(view) for view in views] == [None, b"", b"\xff\xd8\xff\xd9", b"q"]
+    assert all(isinstance(view.obj, pa.Buffer) for view in views if view is not None)  # the column's memory, not copies
 
 
 def test_written_files_have_the_exact_schema_even_when_empty(tmp_path: Path) -> None:
