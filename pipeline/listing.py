@@ -16,6 +16,8 @@ import hashlib
 import json
 import posixpath
 import tarfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,10 +25,14 @@ import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import InputError
 from pipeline.storage import retrying
 
+PREFIXES_LISTED_APART = 64
+"""The most prefixes under an input that are listed in threads of their own (see :func:`files_under`)."""
+_LISTING_THREADS = 16
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 ShardKind = Literal["files", "tar", "parquet"]
 
@@ -139,7 +145,7 @@ def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[dict] | None:
     Listing comes first: on object stores, asking about a prefix as if it were an object can be
     refused (403) to a job that may list the bucket but read only some of it."""
     try:
-        found = [info for info in fs.find(root, detail=True, withdirs=False).values() if info.get("type") != "directory"]
+        found = files_under(fs, root)
         if found and not (len(found) == 1 and found[0]["name"].rstrip("/") == root.rstrip("/")):
             return found
         info = fs.info(root)
@@ -148,6 +154,27 @@ def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[dict] | None:
     except PermissionError as error:
         raise InputError(f"not allowed to list {fs.unstrip_protocol(root)}: {error}") from None
     return [info] if info.get("type") == "file" else None
+
+
+def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
+    """The file infos under ``root``. An object store lists a prefix 1,000 keys per request, one
+    request after another, so where ``root`` holds at most :data:`PREFIXES_LISTED_APART`
+    prefixes (``2026/11/``, ``camera-7/``), each is listed in a thread of its own; more, and
+    most would be listed in a request or two, so ``root`` is listed as one."""
+
+    def files(infos: Iterable[dict]) -> list[dict]:
+        return [info for info in infos if info.get("type") != "directory"]
+
+    if isinstance(fs, LocalFileSystem):
+        return files(fs.find(root, detail=True, withdirs=False).values())
+    fs.invalidate_cache(root)  # an earlier listing in this process may be cached, and stale
+    top = fs.ls(root, detail=True)
+    prefixes = [info["name"] for info in top if info.get("type") == "directory"]
+    if len(prefixes) > PREFIXES_LISTED_APART:
+        return files(fs.find(root, detail=True, withdirs=False).values())
+    with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
+        under_prefixes = pool.map(lambda prefix: files(fs.find(prefix, detail=True, withdirs=False).values()), prefixes)
+        return files(top) + [info for infos in under_prefixes for info in infos]
 
 
 def _processed_keys(sources: list[Source], processed: ProcessedSources) -> tuple[set[str], int]:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from benchmarks import corpus
 from benchmarks.corpus import write_jpegs
+from benchmarks.listing import measure as measure_listing
 from benchmarks.long_run import best_model_only_ips, images_needed
 from benchmarks.memory import tree_pss
 from benchmarks.tables import shard_outputs, tables_microseconds
@@ -109,3 +110,9 @@ def test_a_long_run_is_sized_from_a_short_runs_start_up_and_steady_rate() -> Non
     assert images_needed(short, target_ips=1500, seconds_left=100, overhead_seconds=60)[0] == 0  # no time for it
     variants = {**short, "model_only_variants_ips": {"fp32": 900.0, "bf16, folded batch norms": 2400.0}}
     assert best_model_only_ips(variants) == 2400.0 and best_model_only_ips(short) == 2100.0
+
+
+def test_listing_benchmark_lists_each_layout_both_ways_behind_a_delay(s3_endpoint: str) -> None:
+    (row,) = measure_listing(s3_endpoint, [(40, 4)], [0.01])
+    assert row["objects"] == 40 and row["prefixes"] == 4 and row["delay_ms"] == 10
+    assert row["one_listing"] > 0.01 and row["prefixes_apart"] > 0.01  # every request waited

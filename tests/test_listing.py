@@ -13,6 +13,7 @@ import pytest
 
 from jobs.sample import encode, photos
 from pipeline.errors import InputError
+import pipeline.listing as listing_module
 from pipeline.listing import list_shards
 
 
@@ -74,3 +75,27 @@ def test_single_file_input(archive: Path) -> None:
 def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="input not found"):
         list_shards(str(tmp_path / "nope"), files_per_shard=4)
+
+
+def test_an_object_store_input_lists_as_the_same_tree_on_disk_does(archive: Path, s3, bucket: str, monkeypatch) -> None:
+    # files at the top and under prefixes of one and three levels: prefixes are listed in threads of their own
+    (archive / "nested" / "2026" / "11").mkdir(parents=True)
+    (archive / "nested" / "2026" / "11" / "c.jpg").write_bytes((archive / "loose" / "00.jpg").read_bytes())
+    s3.put(f"{archive}/", f"{bucket}/in", recursive=True)
+
+    def relative(input_uri: str) -> tuple[list, int]:
+        listing = list_shards(input_uri, files_per_shard=4)
+        root = input_uri if "://" in input_uri else Path(input_uri).as_uri()
+        return [(shard.kind, [source.uri.removeprefix(root) for source in shard.sources]) for shard in listing.shards], listing.ignored_files
+
+    on_disk = relative(str(archive))
+    assert relative(f"s3://{bucket}/in") == on_disk and len(on_disk[0]) == 4
+    monkeypatch.setattr(listing_module, "PREFIXES_LISTED_APART", 1)  # three prefixes: listed as one
+    assert relative(f"s3://{bucket}/in") == on_disk
+    monkeypatch.undo()
+    s3.pipe(f"{bucket}/in/fresh/d.jpg", (archive / "loose" / "00.jpg").read_bytes())
+    shards, _ = relative(f"s3://{bucket}/in")  # a new prefix: s3fs's cached listing of the input is not reused
+    assert "/fresh/d.jpg" in [uri for _, uris in shards for uri in uris]
+    assert [shard.kind for shard in list_shards(f"s3://{bucket}/in/a.tar", files_per_shard=4).shards] == ["tar"]
+    with pytest.raises(InputError, match="input not found"):
+        list_shards(f"s3://{bucket}/nothing-here", files_per_shard=4)

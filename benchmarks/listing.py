@@ -1,0 +1,138 @@
+"""Listing an object-store input as one listing, and one listing per prefix, behind a round trip per request.
+
+``python -m benchmarks.listing [--endpoint URL] [--layouts 20000x40,60000x60] [--delays 0,0.025,0.1] [--json]``
+writes, per layout OBJECTSxPREFIXES, that many one-byte ``.jpg`` objects spread over that many
+prefixes into a new bucket of the S3 endpoint (credentials from the AWS_* variables; without
+``--endpoint``, a SeaweedFS server of its own, started as the tests start one), then lists each
+layout through a TCP proxy that holds every request DELAY seconds, the round trip that a store on
+loopback lacks: with fsspec's ``find`` as one listing, and as segpipe lists an input
+(:func:`pipeline.listing.files_under`), best of two each, after checking that both found every
+object. An object store answers a listing 1,000 keys at a time, one request after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import s3fs
+
+from pipeline.listing import files_under
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    try:
+        while data := await reader.read(1 << 16):
+            await asyncio.sleep(delay)
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+def _serve_proxy(target_host: str, target_port: int, delay: float, ports: multiprocessing.Queue) -> None:
+    """Forward connections to ``target_host:target_port``, holding what clients send ``delay`` seconds."""
+
+    async def handle(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection(target_host, target_port)
+        await asyncio.gather(_pump(client_reader, server_writer, delay), _pump(server_reader, client_writer, 0.0))
+
+    async def serve() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        ports.put(server.sockets[0].getsockname()[1])
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+@contextmanager
+def delaying_proxy(endpoint: str, delay: float) -> Iterator[str]:
+    """An endpoint that reaches ``endpoint`` with ``delay`` seconds added to every request."""
+    host, _, port = endpoint.removeprefix("http://").partition(":")
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    process = context.Process(target=_serve_proxy, args=(host, int(port), delay, ports), daemon=True)
+    process.start()
+    try:
+        yield f"http://127.0.0.1:{ports.get(timeout=60)}"
+    finally:
+        process.kill()
+        process.join()
+
+
+def measure(endpoint: str, layouts: list[tuple[int, int]], delays: list[float]) -> list[dict]:
+    """Seconds to list each layout (objects, prefixes) at each delay, as one listing and prefix by prefix."""
+    writer = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=endpoint)
+    roots = {}
+    for objects, prefixes in layouts:
+        bucket = f"listing-{uuid.uuid4().hex[:12]}"
+        writer.mkdir(bucket)
+        writer.pipe({f"{bucket}/in/p{index % prefixes:04d}/{index:08d}.jpg": b"x" for index in range(objects)}, batch_size=256)
+        roots[objects, prefixes] = f"{bucket}/in"
+    rows = []
+    for delay in delays:
+        with delaying_proxy(endpoint, delay) as delayed:
+            fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=delayed)
+            for (objects, prefixes), root in roots.items():
+                seconds = {"one_listing": float("inf"), "prefixes_apart": float("inf")}
+                for _ in range(2):
+                    for way, list_files in (("one_listing", lambda: fs.find(root, detail=True).values()),
+                                            ("prefixes_apart", lambda: files_under(fs, root))):  # fmt: skip
+                        fs.invalidate_cache()
+                        started = time.perf_counter()
+                        found = list(list_files())
+                        seconds[way] = min(seconds[way], time.perf_counter() - started)
+                        assert len(found) == objects, (way, len(found), objects)
+                rows.append({"objects": objects, "prefixes": prefixes, "delay_ms": delay * 1000, **seconds})
+    for root in roots.values():
+        writer.rm(root.split("/")[0], recursive=True)
+    return rows
+
+
+@contextmanager
+def _own_server() -> Iterator[str]:
+    from tests.conftest import SeaweedFS  # the tests' server: weed mini on free loopback ports
+
+    server = SeaweedFS(Path(tempfile.mkdtemp(prefix="segpipe-listing-")))
+    server.start()
+    os.environ.update(server.environment())
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.listing", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--endpoint", help="an S3 endpoint (default: a SeaweedFS server of its own)")
+    parser.add_argument("--layouts", default="20000x40,60000x60", help="OBJECTSxPREFIXES, comma-separated")
+    parser.add_argument("--delays", default="0,0.025,0.1", help="seconds added to each request, comma-separated")
+    parser.add_argument("--json", action="store_true", help="print one JSON list")
+    args = parser.parse_args(argv)
+    layouts = [tuple(int(part) for part in layout.split("x")) for layout in args.layouts.split(",")]
+    delays = [float(delay) for delay in args.delays.split(",")]
+    with _own_server() if args.endpoint is None else nullcontext(args.endpoint) as endpoint:
+        rows = measure(endpoint, layouts, delays)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    for row in rows:
+        print(f"{row['objects']} objects in {row['prefixes']} prefixes, {row['delay_ms']:.0f} ms per request: "
+              f"one listing {row['one_listing']:.2f} s, prefixes apart {row['prefixes_apart']:.2f} s")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
