@@ -1,9 +1,10 @@
 """Listing an object-store input as one listing, and one listing per prefix, behind a round trip per request.
 
-``python -m benchmarks.listing [--endpoint URL] [--layouts 20000x40,60000x60] [--delays 0,0.025,0.1] [--json]``
-writes, per layout OBJECTSxPREFIXES, that many one-byte ``.jpg`` objects spread over that many
-prefixes into a new bucket of the S3 endpoint (credentials from the AWS_* variables; without
-``--endpoint``, a SeaweedFS server of its own, started as the tests start one), then lists each
+``python -m benchmarks.listing [--endpoint URL] [--layouts 20000x40,36000x3x12] [--delays 0,0.025,0.1] [--json]``
+writes, per layout OBJECTSxPREFIXES[xSUBPREFIXES], that many one-byte ``.jpg`` objects spread
+over that many prefixes (and SUBPREFIXES under each of them, as months under years) into a new
+bucket of the S3 endpoint (credentials from the AWS_* variables; without ``--endpoint``, a
+SeaweedFS server of its own, started as the tests start one), then lists each
 layout through a TCP proxy that holds every request DELAY seconds, the round trip that a store on
 loopback lacks: with fsspec's ``find`` as one listing, and as segpipe lists an input
 (:func:`pipeline.listing.files_under`), best of two each, after checking that both found every
@@ -72,20 +73,22 @@ def delaying_proxy(endpoint: str, delay: float) -> Iterator[str]:
         process.join()
 
 
-def measure(endpoint: str, layouts: list[tuple[int, int]], delays: list[float]) -> list[dict]:
-    """Seconds to list each layout (objects, prefixes) at each delay, as one listing and prefix by prefix."""
+def measure(endpoint: str, layouts: list[tuple[int, ...]], delays: list[float]) -> list[dict]:
+    """Seconds to list each layout (objects, prefixes[, subprefixes]) at each delay, as one listing and prefix by prefix."""
     writer = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=endpoint)
     roots = {}
-    for objects, prefixes in layouts:
+    for layout in layouts:
+        objects, prefixes, subprefixes = (*layout, 1)[:3]
         bucket = f"listing-{uuid.uuid4().hex[:12]}"
         writer.mkdir(bucket)
-        writer.pipe({f"{bucket}/in/p{index % prefixes:04d}/{index:08d}.jpg": b"x" for index in range(objects)}, batch_size=256)
-        roots[objects, prefixes] = f"{bucket}/in"
+        keys = [f"p{index % prefixes:04d}/s{index // prefixes % subprefixes:04d}/{index:08d}.jpg" for index in range(objects)]
+        writer.pipe({f"{bucket}/in/{key}": b"x" for key in keys}, batch_size=256)
+        roots[layout] = f"{bucket}/in"
     rows = []
     for delay in delays:
         with delaying_proxy(endpoint, delay) as delayed:
             fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=delayed)
-            for (objects, prefixes), root in roots.items():
+            for (objects, *prefixes), root in roots.items():
                 seconds = {"one_listing": float("inf"), "prefixes_apart": float("inf")}
                 for _ in range(2):
                     for way, list_files in (("one_listing", lambda: fs.find(root, detail=True).values()),
@@ -95,7 +98,7 @@ def measure(endpoint: str, layouts: list[tuple[int, int]], delays: list[float]) 
                         found = list(list_files())
                         seconds[way] = min(seconds[way], time.perf_counter() - started)
                         assert len(found) == objects, (way, len(found), objects)
-                rows.append({"objects": objects, "prefixes": prefixes, "delay_ms": delay * 1000, **seconds})
+                rows.append({"objects": objects, "prefixes": "x".join(map(str, prefixes)), "delay_ms": delay * 1000, **seconds})
     for root in roots.values():
         writer.rm(root.split("/")[0], recursive=True)
     return rows
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.listing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--endpoint", help="an S3 endpoint (default: a SeaweedFS server of its own)")
-    parser.add_argument("--layouts", default="20000x40,60000x60", help="OBJECTSxPREFIXES, comma-separated")
+    parser.add_argument("--layouts", default="20000x40,36000x3x12", help="OBJECTSxPREFIXES[xSUBPREFIXES], comma-separated")
     parser.add_argument("--delays", default="0,0.025,0.1", help="seconds added to each request, comma-separated")
     parser.add_argument("--json", action="store_true", help="print one JSON list")
     args = parser.parse_args(argv)

@@ -158,23 +158,38 @@ def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[dict] | None:
 
 def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
     """The file infos under ``root``. An object store lists a prefix 1,000 keys per request, one
-    request after another, so where ``root`` holds at most :data:`PREFIXES_LISTED_APART`
-    prefixes (``2026/11/``, ``camera-7/``), each is listed in a thread of its own; more, and
+    request after another, so ``root``'s prefixes (``2026/``, ``camera-7/``) are listed in
+    threads of their own: where there are fewer than the threads, one level deeper (``2026/11/``)
+    while that gives at most :data:`PREFIXES_LISTED_APART`. Where ``root`` itself holds more,
     most would be listed in a request or two, so ``root`` is listed as one."""
 
     def files(infos: Iterable[dict]) -> list[dict]:
         return [info for info in infos if info.get("type") != "directory"]
 
+    def level(prefix: str) -> list[dict]:
+        fs.invalidate_cache(prefix)  # an earlier listing in this process may be cached, and stale
+        return fs.ls(prefix, detail=True)
+
+    def prefixes_in(infos: Iterable[dict], parent: str) -> list[str]:  # a store may list a prefix's marker in it
+        names = [info["name"] for info in infos if info.get("type") == "directory"]
+        return [name for name in names if name.rstrip("/") != parent.rstrip("/")]
+
     if isinstance(fs, LocalFileSystem):
         return files(fs.find(root, detail=True, withdirs=False).values())
-    fs.invalidate_cache(root)  # an earlier listing in this process may be cached, and stale
-    top = fs.ls(root, detail=True)
-    prefixes = [info["name"] for info in top if info.get("type") == "directory"]
+    top = level(root)
+    found, prefixes = files(top), prefixes_in(top, root)
     if len(prefixes) > PREFIXES_LISTED_APART:
         return files(fs.find(root, detail=True, withdirs=False).values())
     with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
+        while 0 < len(prefixes) < _LISTING_THREADS:
+            levels = list(pool.map(level, prefixes))
+            deeper = [prefix for parent, infos in zip(prefixes, levels) for prefix in prefixes_in(infos, parent)]
+            if len(deeper) > PREFIXES_LISTED_APART:
+                break
+            found += [info for infos in levels for info in files(infos)]
+            prefixes = deeper
         under_prefixes = pool.map(lambda prefix: files(fs.find(prefix, detail=True, withdirs=False).values()), prefixes)
-        return files(top) + [info for infos in under_prefixes for info in infos]
+        return found + [info for infos in under_prefixes for info in infos]
 
 
 def _processed_keys(sources: list[Source], processed: ProcessedSources) -> tuple[set[str], int]:

@@ -78,9 +78,11 @@ def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_an_object_store_input_lists_as_the_same_tree_on_disk_does(archive: Path, s3, bucket: str, monkeypatch) -> None:
-    # files at the top and under prefixes of one and three levels: prefixes are listed in threads of their own
-    (archive / "nested" / "2026" / "11").mkdir(parents=True)
-    (archive / "nested" / "2026" / "11" / "c.jpg").write_bytes((archive / "loose" / "00.jpg").read_bytes())
+    # files at the top and at three depths; 3 prefixes at the top, 17 one level down: those are listed in threads
+    jpeg = (archive / "loose" / "00.jpg").read_bytes()
+    for path in ["nested/2026/11/c.jpg", *(f"days/{day:02d}/e.jpg" for day in range(1, 17))]:
+        (archive / path).parent.mkdir(parents=True, exist_ok=True)
+        (archive / path).write_bytes(jpeg)
     s3.put(f"{archive}/", f"{bucket}/in", recursive=True)
 
     def relative(input_uri: str) -> tuple[list, int]:
@@ -89,13 +91,14 @@ def test_an_object_store_input_lists_as_the_same_tree_on_disk_does(archive: Path
         return [(shard.kind, [source.uri.removeprefix(root) for source in shard.sources]) for shard in listing.shards], listing.ignored_files
 
     on_disk = relative(str(archive))
-    assert relative(f"s3://{bucket}/in") == on_disk and len(on_disk[0]) == 4
-    monkeypatch.setattr(listing_module, "PREFIXES_LISTED_APART", 1)  # three prefixes: listed as one
+    assert relative(f"s3://{bucket}/in") == on_disk and len(on_disk[0]) == 6 + 2  # 23 loose images, a tar, a Parquet file
+    monkeypatch.setattr(listing_module, "PREFIXES_LISTED_APART", 2)  # three at the top: listed as one
     assert relative(f"s3://{bucket}/in") == on_disk
     monkeypatch.undo()
-    s3.pipe(f"{bucket}/in/fresh/d.jpg", (archive / "loose" / "00.jpg").read_bytes())
-    shards, _ = relative(f"s3://{bucket}/in")  # a new prefix: s3fs's cached listing of the input is not reused
-    assert "/fresh/d.jpg" in [uri for _, uris in shards for uri in uris]
+    # new prefixes at the top and below: s3fs's cached listings of the earlier runs are not reused
+    s3.pipe({f"{bucket}/in/fresh/d.jpg": jpeg, f"{bucket}/in/nested/2027/01/f.jpg": jpeg})
+    shards, _ = relative(f"s3://{bucket}/in")
+    assert {"/fresh/d.jpg", "/nested/2027/01/f.jpg"} <= {uri for _, uris in shards for uri in uris}
     assert [shard.kind for shard in list_shards(f"s3://{bucket}/in/a.tar", files_per_shard=4).shards] == ["tar"]
     with pytest.raises(InputError, match="input not found"):
         list_shards(f"s3://{bucket}/nothing-here", files_per_shard=4)
