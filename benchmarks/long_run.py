@@ -36,8 +36,10 @@ def images_needed(figures: dict, *, target_ips: float, seconds_left: float, over
     start, the model alone, the corpus) would not fit in ``seconds_left``."""
     steady, first_shard = figures["end_to_end_steady_ips"], figures["end_to_end_first_shard_seconds"]
     goal = target_ips * MARGIN
-    if not steady or steady <= goal:
-        return 0, f"steady rate {steady or 0:.0f} img/s does not clear {goal:.0f} (the target {target_ips:.0f} with a margin)"
+    if not steady:
+        return 0, "no steady rate: the run wrote its shards all at once (too few images?)"
+    if steady <= goal:
+        return 0, f"steady rate {steady:.0f} img/s does not clear {goal:.0f} (the target {target_ips:.0f} with a margin)"
     prelude_per_image = 2 * max(figures["end_to_end_listing_seconds"] or 0.0, 0.0) / figures["count"]
     spare_per_image = 1 / goal - 1 / steady - prelude_per_image
     if spare_per_image <= 0:
