@@ -8,7 +8,9 @@ a missing object or a refused permission is an answer, not a transient error, an
 at once. Unless fsspec's configuration says otherwise, S3 connections time out after
 ``S3_CONNECT_TIMEOUT`` seconds instead of botocore's 60 and botocore retries a request once
 rather than four times with its own backoff, so that this schedule, not three stacked ones,
-decides how long an outage is waited out.
+decides how long an outage is waited out. An S3 client keeps up to ``S3_CONNECTIONS`` requests
+in flight instead of botocore's 10: a read task fetches a shard's files at once, and each
+request waits a round trip.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def _retry_seconds_from_environment() -> float:
 RETRY_SECONDS = _retry_seconds_from_environment()
 """How long one operation rides out an outage; set the variable on every node to change it."""
 S3_CONNECT_TIMEOUT = 10
+S3_CONNECTIONS = 64
+"""Requests one S3 client has in flight at most (botocore's ``max_pool_connections``): a shard of
+256 photos behind 100 ms per request read in 1.1 s against 5.6 s with botocore's 10 (``benchmarks.storage``)."""
 _FIRST_DELAY = 0.5
 _LONGEST_DELAY = 15.0
 _TRANSIENT_ERRNOS = frozenset(
@@ -70,7 +75,8 @@ def _transient_types() -> tuple[type[BaseException], ...]:
 _TRANSIENT_TYPES = _transient_types()
 # user settings (FSSPEC_S3 or fsspec's config files) win over this default
 fsspec.config.conf.setdefault("s3", {}).setdefault(
-    "config_kwargs", {"connect_timeout": S3_CONNECT_TIMEOUT, "retries": {"mode": "standard", "max_attempts": 2}}
+    "config_kwargs",
+    {"connect_timeout": S3_CONNECT_TIMEOUT, "retries": {"mode": "standard", "max_attempts": 2}, "max_pool_connections": S3_CONNECTIONS},
 )
 
 

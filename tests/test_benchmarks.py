@@ -18,7 +18,7 @@ from PIL import Image
 
 from benchmarks import corpus
 from benchmarks.corpus import write_jpegs
-from benchmarks.listing import measure as measure_listing
+from benchmarks.storage import measure_listing, measure_reading
 from benchmarks.long_run import best_model_only_ips, images_needed
 from benchmarks.memory import tree_pss
 from benchmarks.tables import shard_outputs, tables_microseconds
@@ -112,7 +112,9 @@ def test_a_long_run_is_sized_from_a_short_runs_start_up_and_steady_rate() -> Non
     assert best_model_only_ips(variants) == 2400.0 and best_model_only_ips(short) == 2100.0
 
 
-def test_listing_benchmark_lists_each_layout_both_ways_behind_a_delay(s3_endpoint: str) -> None:
-    (row,) = measure_listing(s3_endpoint, [(40, 2, 3)], [0.01])
-    assert row["objects"] == 40 and row["prefixes"] == "2x3" and row["delay_ms"] == 10
-    assert row["one_listing"] > 0.01 and row["prefixes_apart"] > 0.01  # every request waited
+def test_storage_benchmark_lists_and_reads_both_ways_behind_a_delay(s3_endpoint: str) -> None:
+    (listed,) = measure_listing(s3_endpoint, [(40, 2, 3)], [0.01])
+    assert listed["objects"] == 40 and listed["prefixes"] == "2x3" and listed["delay_ms"] == 10
+    assert listed["one_listing"] > 0.01 and listed["prefixes_apart"] > 0.01  # every request waited
+    (read,) = measure_reading(s3_endpoint, 4, [0.01])
+    assert read["files"] == 4 and read["segpipe_connections"] > 0.01 and read["botocore_connections"] > 0.01

@@ -1,14 +1,20 @@
-"""Listing an object-store input as one listing, and one listing per prefix, behind a round trip per request.
+"""An object store behind a round trip per request: listing an input, and reading a shard of loose files.
 
-``python -m benchmarks.listing [--endpoint URL] [--layouts 20000x40,36000x3x12] [--delays 0,0.025,0.1] [--json]``
-writes, per layout OBJECTSxPREFIXES[xSUBPREFIXES], that many one-byte ``.jpg`` objects spread
-over that many prefixes (and SUBPREFIXES under each of them, as months under years) into a new
-bucket of the S3 endpoint (credentials from the AWS_* variables; without ``--endpoint``, a
-SeaweedFS server of its own, started as the tests start one), then lists each
-layout through a TCP proxy that holds every request DELAY seconds, the round trip that a store on
-loopback lacks: with fsspec's ``find`` as one listing, and as segpipe lists an input
-(:func:`pipeline.listing.files_under`), best of two each, after checking that both found every
-object. An object store answers a listing 1,000 keys at a time, one request after another.
+``python -m benchmarks.storage [--endpoint URL] [--layouts 20000x40,36000x3x12] [--shard-files 256]
+[--delays 0,0.025,0.1] [--json]``
+puts a TCP proxy in front of the S3 endpoint that holds every request DELAY seconds, the round
+trip that a store on loopback lacks (credentials from the AWS_* variables; without
+``--endpoint``, a SeaweedFS server of its own, started as the tests start one), and measures,
+best of two each:
+
+- **listing**: per layout OBJECTSxPREFIXES[xSUBPREFIXES], that many one-byte ``.jpg`` objects
+  spread over that many prefixes (and SUBPREFIXES under each, as months under years), listed
+  with fsspec's ``find`` as one listing and as segpipe lists an input
+  (:func:`pipeline.listing.files_under`), after checking that both found every object; a store
+  answers a listing 1,000 keys at a time, one request after another;
+- **reading**: a shard of ``--shard-files`` 1024x768 photo JPEGs read by segpipe's read stage
+  (:func:`pipeline.read.read_shards`, which fetches a shard's files at once) with segpipe's
+  S3 connections per client (:data:`pipeline.storage.S3_CONNECTIONS`) and with botocore's 10.
 """
 
 from __future__ import annotations
@@ -21,13 +27,18 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import fsspec
+import pyarrow as pa
 import s3fs
 
-from pipeline.listing import files_under
+from benchmarks.corpus import write_jpegs
+from pipeline.listing import files_under, list_shards
+from pipeline.read import read_shards
+from pipeline.storage import S3_CONNECTIONS
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -73,7 +84,7 @@ def delaying_proxy(endpoint: str, delay: float) -> Iterator[str]:
         process.join()
 
 
-def measure(endpoint: str, layouts: list[tuple[int, ...]], delays: list[float]) -> list[dict]:
+def measure_listing(endpoint: str, layouts: list[tuple[int, ...]], delays: list[float]) -> list[dict]:
     """Seconds to list each layout (objects, prefixes[, subprefixes]) at each delay, as one listing and prefix by prefix."""
     writer = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=endpoint)
     roots = {}
@@ -105,6 +116,53 @@ def measure(endpoint: str, layouts: list[tuple[int, ...]], delays: list[float]) 
 
 
 @contextmanager
+def _s3_clients(endpoint: str, connections: int) -> Iterator[None]:
+    """The S3 clients that segpipe's stages make go to ``endpoint`` and keep at most
+    ``connections`` connections open (botocore's ``max_pool_connections``)."""
+    settings = fsspec.config.conf.setdefault("s3", {}).setdefault("config_kwargs", {})
+    saved_settings, saved_endpoint = dict(settings), os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"], settings["max_pool_connections"] = endpoint, connections
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield
+    finally:
+        settings.clear()
+        settings.update(saved_settings)
+        if saved_endpoint is None:
+            del os.environ["AWS_ENDPOINT_URL"]
+        else:
+            os.environ["AWS_ENDPOINT_URL"] = saved_endpoint
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def measure_reading(endpoint: str, files: int, delays: list[float]) -> list[dict]:
+    """Seconds to read a shard of ``files`` photo JPEGs at each delay, with segpipe's S3 connections and botocore's."""
+    bucket = f"reading-{uuid.uuid4().hex[:12]}"
+    writer = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=endpoint)
+    writer.mkdir(bucket)
+    photos = sorted(write_jpegs(Path(tempfile.mkdtemp(prefix="segpipe-storage-")), count=16, width=1024, height=768).iterdir())
+    writer.pipe({f"{bucket}/in/{index:06d}.jpg": photos[index % len(photos)].read_bytes() for index in range(files)})
+    with _s3_clients(endpoint, S3_CONNECTIONS):
+        shard = pa.table({"shard": [list_shards(f"s3://{bucket}/in", files_per_shard=files).shards[0].to_json()]})
+    rows = []
+    for delay in delays:
+        with delaying_proxy(endpoint, delay) as delayed:
+            seconds = {}
+            for name, connections in (("segpipe_connections", S3_CONNECTIONS), ("botocore_connections", 10)):
+                with _s3_clients(delayed, connections):
+                    seconds[name] = min(_timed(lambda: read_shards(shard, image_column="image")) for _ in range(2))
+            rows.append({"files": files, "delay_ms": delay * 1000, **seconds})
+    writer.rm(bucket, recursive=True)
+    return rows
+
+
+def _timed(operation: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    operation()
+    return time.perf_counter() - started
+
+
+@contextmanager
 def _own_server() -> Iterator[str]:
     from tests.conftest import SeaweedFS  # the tests' server: weed mini on free loopback ports
 
@@ -118,23 +176,28 @@ def _own_server() -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.listing", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.storage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--endpoint", help="an S3 endpoint (default: a SeaweedFS server of its own)")
     parser.add_argument("--layouts", default="20000x40,36000x3x12", help="OBJECTSxPREFIXES[xSUBPREFIXES], comma-separated")
+    parser.add_argument("--shard-files", type=int, default=256, help="files in the shard read (default 256, segpipe's)")
     parser.add_argument("--delays", default="0,0.025,0.1", help="seconds added to each request, comma-separated")
-    parser.add_argument("--json", action="store_true", help="print one JSON list")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     layouts = [tuple(int(part) for part in layout.split("x")) for layout in args.layouts.split(",")]
     delays = [float(delay) for delay in args.delays.split(",")]
     with _own_server() if args.endpoint is None else nullcontext(args.endpoint) as endpoint:
-        rows = measure(endpoint, layouts, delays)
+        listing, reading = measure_listing(endpoint, layouts, delays), measure_reading(endpoint, args.shard_files, delays)
     if args.json:
-        print(json.dumps(rows))
+        print(json.dumps({"listing": listing, "reading": reading}))
         return
-    for row in rows:
+    for row in listing:
         print(f"{row['objects']} objects in {row['prefixes']} prefixes, {row['delay_ms']:.0f} ms per request: "
               f"one listing {row['one_listing']:.2f} s, prefixes apart {row['prefixes_apart']:.2f} s")  # fmt: skip
+    for row in reading:
+        print(f"a shard of {row['files']} photos, {row['delay_ms']:.0f} ms per request: read in "
+              f"{row['segpipe_connections']:.2f} s with {S3_CONNECTIONS} connections, "
+              f"{row['botocore_connections']:.2f} s with 10")
 
 
 if __name__ == "__main__":
