@@ -166,6 +166,9 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
     def files(infos: Iterable[dict]) -> list[dict]:
         return [info for info in infos if info.get("type") != "directory"]
 
+    def tree(prefix: str) -> list[dict]:
+        return files(fs.find(prefix, detail=True, withdirs=False).values())
+
     def level(prefix: str) -> list[dict]:
         fs.invalidate_cache(prefix)  # an earlier listing in this process may be cached, and stale
         return fs.ls(prefix, detail=True)
@@ -175,11 +178,11 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
         return [name for name in names if name.rstrip("/") != parent.rstrip("/")]
 
     if isinstance(fs, LocalFileSystem):
-        return files(fs.find(root, detail=True, withdirs=False).values())
+        return tree(root)
     top = level(root)
     found, prefixes = files(top), prefixes_in(top, root)
     if len(prefixes) > PREFIXES_LISTED_APART:
-        return files(fs.find(root, detail=True, withdirs=False).values())
+        return tree(root)
     with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
         while 0 < len(prefixes) < _LISTING_THREADS:
             levels = list(pool.map(level, prefixes))
@@ -188,8 +191,7 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
                 break
             found += [info for infos in levels for info in files(infos)]
             prefixes = deeper
-        under_prefixes = pool.map(lambda prefix: files(fs.find(prefix, detail=True, withdirs=False).values()), prefixes)
-        return found + [info for infos in under_prefixes for info in infos]
+        return found + [info for infos in pool.map(tree, prefixes) for info in infos]
 
 
 def _processed_keys(sources: list[Source], processed: ProcessedSources) -> tuple[set[str], int]:
