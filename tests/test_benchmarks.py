@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from benchmarks import corpus
+from benchmarks import actor_alone, corpus
 from benchmarks.corpus import write_jpegs
 from benchmarks.storage import measure_listing, measure_reading
 from benchmarks.long_run import best_model_only_ips, images_needed
@@ -95,6 +95,15 @@ def test_throughput_harness_times_instance_models_as_the_pipeline_and_as_torchvi
     figures = _throughput("maskrcnn_mobilenet_v3_small_fpn", tmp_path)
     assert figures["model_only_ips"] > 0 and figures["torchvision_forward_ips"] > 0
     assert figures["ok_images"] == 8 and figures["baseline_ips"] is None
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_actor_alone_prints_a_line_per_layout_as_each_ends(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    actor_alone.main(["--model", "unet", "--threads", "1", "2", "--count", "4", "--size", "64x48", "--batch-size", "2",
+                      "--files-per-shard", "2", "--device", "cpu", "--workdir", str(tmp_path)])  # fmt: skip
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(line["model"], line["threads"], line["images"]) for line in lines] == [("unet", 1, 4), ("unet", 2, 4)]
+    assert all(line["ips"] > 0 for line in lines)
 
 
 def test_a_long_run_is_sized_from_a_short_runs_start_up_and_steady_rate() -> None:
