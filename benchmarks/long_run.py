@@ -70,7 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overhead-seconds", type=float, default=60.0,
                         help="the benchmark's time beside segpipe's run: Ray's start, the model alone, the corpus (default 60)")
     args = parser.parse_args(argv)
-    figures = json.loads(args.result.read_text())
+    text = args.result.read_text() if args.result.is_file() else ""
+    if not text.strip():  # the short run stopped at its time limit before printing its figures
+        print(f"no figures in {args.result}: its benchmark printed none (stopped at its time limit?)", file=sys.stderr)
+        print(0)
+        return
+    figures = json.loads(text)
     target_ips = args.target_ips or args.target_model_ratio * best_model_only_ips(figures)
     count, reason = images_needed(figures, target_ips=target_ips, seconds_left=args.seconds_left,
                                   overhead_seconds=args.overhead_seconds)  # fmt: skip

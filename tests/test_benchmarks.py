@@ -19,7 +19,7 @@ from PIL import Image
 from benchmarks import actor_alone, corpus
 from benchmarks.corpus import write_jpegs
 from benchmarks.storage import measure_listing, measure_reading
-from benchmarks.long_run import best_model_only_ips, images_needed
+from benchmarks.long_run import best_model_only_ips, images_needed, main as long_run_main
 from benchmarks.memory import tree_pss
 from benchmarks.tables import shard_outputs, tables_microseconds
 
@@ -119,6 +119,13 @@ def test_a_long_run_is_sized_from_a_short_runs_start_up_and_steady_rate() -> Non
     assert images_needed(short, target_ips=1500, seconds_left=100, overhead_seconds=60)[0] == 0  # no time for it
     variants = {**short, "model_only_variants_ips": {"fp32": 900.0, "bf16, folded batch norms": 2400.0}}
     assert best_model_only_ips(variants) == 2400.0 and best_model_only_ips(short) == 2100.0
+
+
+def test_a_long_run_is_not_sized_from_a_short_run_that_printed_nothing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "stopped.json").write_text("")  # gpu.sh's redirect of a benchmark stopped at its limit
+    long_run_main([str(tmp_path / "stopped.json"), "--target-ips", "1500", "--seconds-left", "400"])
+    printed = capsys.readouterr()
+    assert printed.out == "0\n" and "printed none" in printed.err
 
 
 def test_storage_benchmark_lists_and_reads_both_ways_behind_a_delay(s3_endpoint: str) -> None:
