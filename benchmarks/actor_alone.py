@@ -3,8 +3,8 @@
     python -m benchmarks.actor_alone --model lraspp_mobilenet_v3_large --threads 1 4 8 --count 2048 --device cuda
 
 Each layout is :func:`benchmarks.throughput.actor_only` (the actor fed shards already in the
-object store, after one warm-up shard per thread) on one corpus of 1024x768 photo JPEGs, in one
-Ray instance; each prints one JSON line as it ends, so a time limit keeps the layouts before it.
+object store, after one warm-up shard per thread) on one corpus of photo JPEGs (1024x768 unless
+``--size`` says otherwise), in one Ray instance; each prints one JSON line as it ends, so a time limit keeps the layouts before it.
 It finds what holds an actor below its network: threads that do not raise the rate say that
 something in the actor is serial. It uses only what the harness has offered since commit
 ``aa1676d``, so a copy of this file in an older tree times that tree's actor on the same machine

@@ -28,4 +28,4 @@ with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(wheel + ".tmp", "w", zipf
         kept.writestr(item, data)
 os.replace(wheel + ".tmp", wheel)
 PY
-echo "carried: $(( $(du -cb .whl/* | tail -n 1 | cut -f1) + $(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1) )) bytes of 67108864"
+echo "wheels and tracked files: $(( $(du -cb .whl/* | tail -n 1 | cut -f1) + $(git ls-files -z | xargs -0 du -cb | tail -n 1 | cut -f1) )) bytes of the 67108864 a call carries"

@@ -31,7 +31,7 @@ out=${OUT:-bench-out}
 corpora=$(mktemp -d); trap 'rm -rf "$corpora"' EXIT
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-# A fresh process took 13 to 15 s to import pipeline.infer on the H100 (3.3 s on the 2-core CPU
+# A fresh process took 14 to 17 s to import pipeline.infer on the H100 (3.3 s on the 2-core CPU
 # machine), in the actors too, as if the image's Python compiled torch's modules anew each time:
 # bytecode goes to a cache that this call can write, as a normal installation's would.
 unset PYTHONDONTWRITEBYTECODE
