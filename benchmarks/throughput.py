@@ -13,6 +13,11 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   (:func:`pipeline.infer.class_maps`); on CUDA also by upsampling every class, eager and
   compiled, and from NCHW logits where the network gives NHWC ones (the model-only figure takes
   its argmax at the network's resolution, so this is what the pipeline adds to it on the device);
+- **decode only**: the benchmark's JPEGs decoded a window at a time, as the model actor takes
+  them (:data:`pipeline.infer.DECODE_WINDOW_BATCHES` batches): on CUDA in one batched nvjpeg call
+  (torchvision's decoder, one per process behind a lock; batches on the GPU's hardware decoder
+  where it has one, else Huffman decoding on the host image by image), on CPUs one image at a
+  time on one core;
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (the driver's listing, actor start-up, model load, the first shard's work) and the
@@ -65,13 +70,14 @@ import ray
 import ray.data
 import torch
 import torchvision.transforms.functional as tv_functional
-from torchvision.io import decode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
 from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
 from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.infer import (
+    DECODE_WINDOW_BATCHES,
     SegmentShards,
     class_maps,
     execution,
@@ -178,6 +184,22 @@ def class_maps_only(
         logits = network(inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))["out"]
     step = functools.partial(make_maps, logits, height, width)
     return {"ips": _images_per_second(step, count=count, batch_size=batch_size, device=device)}
+
+
+def decode_only(images: Path, *, count: int, device: str, window: int) -> dict:
+    """Images/s of decoding ``window`` of the benchmark's JPEGs at a time to RGB as the model
+    actor does: on CUDA one batched nvjpeg call per window, on CPUs one image after another."""
+    paths = sorted(images.glob("*.jpg"))[:window]
+    data = [read_file(str(paths[index % len(paths)])) for index in range(window)]
+    if device == "cuda":
+        step = functools.partial(decode_jpeg, data, mode=ImageReadMode.RGB, device=device)
+    else:
+
+        def step() -> None:
+            for encoded in data:
+                decode_jpeg(encoded, mode=ImageReadMode.RGB)
+
+    return {"ips": _images_per_second(step, count=count, batch_size=window, device=device)}
 
 
 class _ActorAlone(SegmentShards):
@@ -418,6 +440,7 @@ def measure(
         name: class_maps_only(model_name, weights, images, **shape, bf16=bf16, channels_last=logits_channels_last, make_maps=make_maps)["ips"]
         for name, (make_maps, logits_channels_last) in _class_maps_variants(channels_last, device).items()
     })  # fmt: skip
+    decoded = _reported("decode only", decode_only(images, count=count, device=device, window=DECODE_WINDOW_BATCHES * batch_size))
     torchvision_forward = None if spec.task == "semantic" else _reported(
         "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
     )
@@ -446,6 +469,7 @@ def measure(
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
         "class_maps_only_ips": class_maps_ips.get(_AS_THE_PIPELINE_RUNS_IT),
         "class_maps_only_variants_ips": {name: ips for name, ips in class_maps_ips.items() if name != _AS_THE_PIPELINE_RUNS_IT},
+        "decode_only_ips": decoded["ips"],
         "actor_only_ips": alone["ips"] if alone else None,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],

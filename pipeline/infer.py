@@ -80,6 +80,8 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 _IMPORTED_AT = time.time()
 """When this process had imported torch, torchvision and segpipe's models (an actor's ``imported`` figure)."""
 _DECODE_THREADS = 4
+DECODE_WINDOW_BATCHES = 4
+"""An actor decodes its shard's images this many of its largest batches at a time."""
 _MASK_PROBABILITY_THRESHOLD = 0.5
 _OUTPUT_PIXELS_PER_STEP = 2**25
 """Class map pixels made at once by :func:`class_maps`: at most 10 bytes of device memory each."""
@@ -159,7 +161,7 @@ class SegmentShards:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights are on the device before any calling thread's stream reads them
         self.max_pixels = configs[0].max_pixels
-        self.window = 4 * max(config.batch_size for config in configs)
+        self.window = DECODE_WINDOW_BATCHES * max(config.batch_size for config in configs)
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS * configs[0].threads_per_actor, thread_name_prefix="decode")
         self.calling_thread = threading.local()
         """Per thread that Ray calls the actor from: ``seconds`` (per stage, of the shard in hand) and ``stream``."""

@@ -79,8 +79,8 @@ def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
     pq.write_table(pa.table({"width": [5], "height": [5]}), stale)
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     figures = _throughput("unet", tmp_path, "--actor-only")
-    for key in ("model_only_ips", "class_maps_only_ips", "actor_only_ips", "end_to_end_ips", "baseline_ips", "ratio_model",
-                "ratio_baseline", "bytes_per_image"):
+    for key in ("model_only_ips", "class_maps_only_ips", "decode_only_ips", "actor_only_ips", "end_to_end_ips", "baseline_ips",
+                "ratio_model", "ratio_baseline", "bytes_per_image"):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     assert figures["ok_images"] == 8 and figures["raw_class_map_bytes_per_rle_byte"] > 1
     assert figures["segpipe_settings"] == {"files_per_shard": 4, "compile": "off", "actors": None, "threads_per_actor": 1}
