@@ -177,8 +177,7 @@ def class_maps_only(
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
     network = prepared_network(weights.build(spec), spec.task, torch.device(device), channels_last=channels_last, compile_mode="off")
-    paths = sorted(images.glob("*.jpg"))[:batch_size]
-    batch = torch.stack([decode_jpeg(read_file(str(paths[index % len(paths)]))) for index in range(batch_size)]).to(device)
+    batch = torch.stack([decode_jpeg(encoded) for encoded in _encoded_jpegs(images, batch_size)]).to(device)
     with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         inputs = model_input(batch, weights.preprocessing)
         logits = network(inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))["out"]
@@ -189,8 +188,7 @@ def class_maps_only(
 def decode_only(images: Path, *, count: int, device: str, window: int) -> dict:
     """Images/s of decoding ``window`` of the benchmark's JPEGs at a time to RGB as the model
     actor does: on CUDA one batched nvjpeg call per window, on CPUs one image after another."""
-    paths = sorted(images.glob("*.jpg"))[:window]
-    data = [read_file(str(paths[index % len(paths)])) for index in range(window)]
+    data = _encoded_jpegs(images, window)
     if device == "cuda":
         step = functools.partial(decode_jpeg, data, mode=ImageReadMode.RGB, device=device)
     else:
@@ -200,6 +198,12 @@ def decode_only(images: Path, *, count: int, device: str, window: int) -> dict:
                 decode_jpeg(encoded, mode=ImageReadMode.RGB)
 
     return {"ips": _images_per_second(step, count=count, batch_size=window, device=device)}
+
+
+def _encoded_jpegs(images: Path, count: int) -> list[torch.Tensor]:
+    """The bytes of the benchmark's first ``count`` JPEGs, the first ones again where it has fewer."""
+    paths = sorted(images.glob("*.jpg"))[:count]
+    return [read_file(str(paths[index % len(paths)])) for index in range(count)]
 
 
 class _ActorAlone(SegmentShards):
