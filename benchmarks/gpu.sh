@@ -37,7 +37,7 @@ export PYTHONUNBUFFERED=1
 unset PYTHONDONTWRITEBYTECODE
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/segpipe-pycache}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-python3 -c 'import torch, torchvision, ray, pyarrow; print(torch.__version__, torchvision.__version__, ray.__version__, pyarrow.__version__)' | tee -a "$out/gpu.txt"
+python3 -c 'import torch, torchvision, torchcodec, ray, pyarrow; print(torch.__version__, torchvision.__version__, torchcodec.__version__, ray.__version__, pyarrow.__version__)' | tee -a "$out/gpu.txt"
 python3 -c 'import pipeline.infer' # the first import fills the cache; the next, timed, is what an actor pays
 python3 -c 'import time; started = time.time(); import pipeline.infer; print(f"import pipeline.infer: {time.time() - started:.1f} s")' | tee -a "$out/gpu.txt"
 if [ "${TEST_SECONDS:-120}" -gt 0 ]; then

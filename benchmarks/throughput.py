@@ -14,10 +14,10 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   compiled, and from NCHW logits where the network gives NHWC ones (the model-only figure takes
   its argmax at the network's resolution, so this is what the pipeline adds to it on the device);
 - **decode only**: the benchmark's JPEGs decoded a window at a time, as the model actor takes
-  them (:data:`pipeline.infer.DECODE_WINDOW_BATCHES` batches): on CUDA in one batched nvjpeg call
-  (torchvision's decoder, one per process behind a lock; batches on the GPU's hardware decoder
-  where it has one, else Huffman decoding on the host image by image), on CPUs one image at a
-  time on one core;
+  them (:data:`pipeline.infer.DECODE_WINDOW_BATCHES` batches), by TorchCodec's ``decode_jpeg``:
+  on CUDA in one batched nvjpeg call (on the GPU's hardware decoder where it has one, else
+  Huffman decoding on the host image by image), on CPUs one image at a time on one core
+  (libjpeg-turbo);
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (the driver's listing, actor start-up, model load, the first shard's work) and the
@@ -70,7 +70,7 @@ import ray
 import ray.data
 import torch
 import torchvision.transforms.functional as tv_functional
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchcodec.decoders import decode_jpeg
 
 from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, run
@@ -190,12 +190,12 @@ def decode_only(images: Path, *, count: int, device: str, window: int) -> dict:
     actor does: on CUDA one batched nvjpeg call per window, on CPUs one image after another."""
     data = _encoded_jpegs(images, window)
     if device == "cuda":
-        step = functools.partial(decode_jpeg, data, mode=ImageReadMode.RGB, device=device)
+        step = functools.partial(decode_jpeg, data, mode="RGB", device=device)
     else:
 
         def step() -> None:
             for encoded in data:
-                decode_jpeg(encoded, mode=ImageReadMode.RGB)
+                decode_jpeg(encoded, mode="RGB")
 
     return {"ips": _images_per_second(step, count=count, batch_size=window, device=device)}
 
@@ -203,7 +203,7 @@ def decode_only(images: Path, *, count: int, device: str, window: int) -> dict:
 def _encoded_jpegs(images: Path, count: int) -> list[torch.Tensor]:
     """The bytes of the benchmark's first ``count`` JPEGs, the first ones again where it has fewer."""
     paths = sorted(images.glob("*.jpg"))[:count]
-    return [read_file(str(paths[index % len(paths)])) for index in range(count)]
+    return [torch.frombuffer(bytearray(paths[index % len(paths)].read_bytes()), dtype=torch.uint8) for index in range(count)]
 
 
 class _ActorAlone(SegmentShards):

@@ -68,12 +68,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         raise DecodeError("decode_error", f"{image.format} {image.mode} image cannot be decoded: {error}") from None
 
 
-def device_decodable_jpeg(data: bytes | memoryview, *, max_pixels: int) -> bool:
-    """Whether a GPU's JPEG decoder may take ``data`` in place of :func:`decode_image`: a complete
-    (ending in the end-of-image marker), three-channel, upright (no EXIF rotation) JPEG within
-    the limits, which both decoders turn into the same pixels up to their rounding. Anything
-    else, every broken file included, stays on the host and gets its checks and error rows.
-    ``data`` may be a view of bytes held elsewhere: the header is read without copying the file."""
+def plain_rgb_jpeg(data: bytes | memoryview, *, max_pixels: int) -> bool:
+    """Whether a JPEG decoder that writes tensors (libjpeg-turbo on the host, nvjpeg on a GPU) may
+    take ``data`` in place of :func:`decode_image`: a complete (ending in the end-of-image
+    marker), three-channel, upright (no EXIF rotation) JPEG within the limits, which they turn
+    into Pillow's pixels (nvjpeg up to its rounding). Anything else, every broken file included,
+    goes to :func:`decode_image` for its conversions, checks and error rows. ``data`` may be a
+    view of bytes held elsewhere: the header is read without copying the file."""
     data = memoryview(data).cast("B")
     if data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return False

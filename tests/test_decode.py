@@ -1,4 +1,5 @@
-"""Decode stage: awkward but valid images become RGB; broken ones get a specific error_type."""
+"""Decode stage: awkward but valid images become RGB; broken ones get a specific error_type; the
+actors' host threads decode plain JPEGs to the pixels Pillow gives."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from jobs.sample import awkward_images, encode, photos, truncated_jpeg
-from pipeline.decode import DecodeError, decode_image, device_decodable_jpeg
+from pipeline.decode import DecodeError, decode_image, plain_rgb_jpeg
+from pipeline.infer import decode_on_host
 
 MAX_PIXELS = 100_000_000
 
@@ -95,8 +98,8 @@ def test_only_complete_upright_rgb_jpegs_within_the_limits_go_to_the_gpu_decoder
     astronaut = photos()["astronaut"]
     plain = encode(astronaut, "JPEG", quality=90)
     awkward = awkward_images()
-    assert device_decodable_jpeg(plain, max_pixels=10**8)
-    assert device_decodable_jpeg(encode(astronaut, "JPEG", progressive=True), max_pixels=10**8)
+    assert plain_rgb_jpeg(plain, max_pixels=10**8)
+    assert plain_rgb_jpeg(encode(astronaut, "JPEG", progressive=True), max_pixels=10**8)
     refused = {
         "truncated": truncated_jpeg(),
         "trailing garbage": plain + b"\x00garbage",
@@ -107,9 +110,25 @@ def test_only_complete_upright_rgb_jpegs_within_the_limits_go_to_the_gpu_decoder
         "empty": b"",
     }
     for name, data in refused.items():
-        assert not device_decodable_jpeg(data, max_pixels=10**8), name
-    assert not device_decodable_jpeg(plain, max_pixels=512 * 512 - 1)  # over --max-pixels: the host path refuses it
+        assert not plain_rgb_jpeg(data, max_pixels=10**8), name
+    assert not plain_rgb_jpeg(plain, max_pixels=512 * 512 - 1)  # over --max-pixels: the host path refuses it
     # as the actors pass them: views of the bytes where the object store holds them, amid other files' bytes
     held = pa.py_buffer(b"\xff\xd9" + plain + refused["exif rotation"])
-    assert device_decodable_jpeg(memoryview(held)[2 : 2 + len(plain)], max_pixels=10**8)
-    assert not device_decodable_jpeg(memoryview(held)[2 + len(plain) :], max_pixels=10**8)
+    assert plain_rgb_jpeg(memoryview(held)[2 : 2 + len(plain)], max_pixels=10**8)
+    assert not plain_rgb_jpeg(memoryview(held)[2 + len(plain) :], max_pixels=10**8)
+
+
+def test_the_actors_host_threads_decode_plain_jpegs_to_pillows_pixels() -> None:
+    # libjpeg-turbo straight into a tensor for plain JPEGs, Pillow for the rest, as views of the object store's bytes
+    chelsea = photos()["chelsea"]
+    plain = [encode(chelsea, "JPEG", quality=quality, subsampling=subsampling) for quality in (75, 95) for subsampling in (0, 2)]
+    plain.append(encode(chelsea, "JPEG", progressive=True))
+    awkward = awkward_images()
+    others = [awkward["cmyk_chelsea.jpg"], awkward["exif_rotated_rocket.jpg"], encode(chelsea[:, :, 0], "JPEG"), awkward["chelsea.webp"]]
+    for data in plain + others:
+        pixels = decode_on_host(memoryview(pa.py_buffer(data)), MAX_PIXELS, False)
+        assert torch.equal(pixels, torch.from_numpy(decode_image(data, max_pixels=MAX_PIXELS)).permute(2, 0, 1))
+    on_gpu = [decode_on_host(memoryview(data), MAX_PIXELS, True) is None for data in plain + others]
+    assert on_gpu == [True] * len(plain) + [False] * len(others)  # a GPU's nvjpeg takes only the plain ones
+    truncated = decode_on_host(memoryview(truncated_jpeg()), MAX_PIXELS, False)
+    assert isinstance(truncated, DecodeError) and truncated.error_type == "truncated_image"

@@ -23,14 +23,14 @@ import ray
 import torch
 import torch.nn.functional as nn_functional
 from torch import nn
-from torchvision.io import ImageReadMode, decode_jpeg
+from torchcodec.decoders import decode_jpeg
 
 from jobs.run import run
 from jobs.sample import awkward_images, encode, photos, shape_pngs, truncated_jpeg
 from jobs.synth import render
 from models import get_model_spec, resolve_weights
 from pipeline.config import RunConfig
-from pipeline.decode import decode_image, device_decodable_jpeg
+from pipeline.decode import decode_image, plain_rgb_jpeg
 from pipeline.encode import map_runs, summarize_detections
 from pipeline.infer import OneNetworkThread, SegmentShards, class_maps, predict_detections, upsampled_class_maps
 
@@ -41,9 +41,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers
 def test_nvjpeg_decodes_what_pillow_decodes() -> None:
     jpegs = [encode(photo, "JPEG", quality=quality) for photo in photos().values() for quality in (75, 95)]
     jpegs.append(encode(photos()["chelsea"], "JPEG", progressive=True))
-    assert all(device_decodable_jpeg(data, max_pixels=10**8) for data in jpegs)
-    on_device = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs], mode=ImageReadMode.RGB,
-                            device="cuda")  # fmt: skip
+    assert all(plain_rgb_jpeg(data, max_pixels=10**8) for data in jpegs)
+    on_device = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs], mode="RGB", device="cuda")
     for data, pixels in zip(jpegs, on_device):
         reference = torch.from_numpy(decode_image(data, max_pixels=10**8)).permute(2, 0, 1)
         assert pixels.shape == reference.shape
