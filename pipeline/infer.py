@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import os
 import threading
@@ -77,6 +78,7 @@ from pipeline.schema import ENCODED_IMAGE_SCHEMA, IMAGES_SCHEMA, binary_views, n
 # The JPEG decoder only reads the bytes it is given, which may be the object store's read-only memory.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
+_logger = logging.getLogger("segpipe.infer")
 _IMPORTED_AT = time.time()
 """When this process had imported torch, torchvision and segpipe's models (an actor's ``imported`` figure)."""
 _DECODE_THREADS = 4
@@ -175,6 +177,7 @@ class SegmentShards:
         if (process_started_at := _process_started_at()) is not None:
             self.start_figures["process"] = process_started_at - pipeline_started_at
         self.start_figures_lock = threading.Lock()
+        self.device_decoder_refused = False
 
     def _load(self, config: RunConfig, run_id: str, weights: Weights) -> LoadedModel:
         spec = get_model_spec(config.model)
@@ -279,15 +282,16 @@ class SegmentShards:
             for loaded, outcome, outputs_of_model in zip(self.models, outcomes, ok_outputs)
         ]
 
-    def _decode_async(self, images: list[dict], indices: list[int]) -> list[Future]:
+    def _decode_async(self, images: list[dict], indices: list[int], *, device_can_decode: bool = True) -> list[Future]:
         """Per image, a future of its ``(3, H, W)`` pixels, its :class:`DecodeError`, or ``None``
         where the device is to decode it."""
-        on_device = self.device.type == "cuda"
+        on_device = device_can_decode and self.device.type == "cuda"
         return [self.decoder.submit(decode_on_host, images[index]["data"], self.max_pixels, on_device) for index in indices]
 
     def _decode_on_device(self, images: list[dict], indices: list[int]) -> dict[int, torch.Tensor | DecodeError]:
-        """``indices``' JPEGs decoded in one batch on the device; on the host, one by one, should
-        the device refuse the batch, so that a file nvjpeg rejects gets its own error row.
+        """``indices``' JPEGs decoded in one batch on the device; on the host threads, should the
+        device refuse the batch, so that a file nvjpeg rejects gets its own error row (the first
+        refusal is logged: a device that refuses every batch leaves all decoding to the host).
 
         TorchCodec's decoder writes on the calling thread's stream and returns once its pixels
         are there, so it is called once the thread's previous window's results are on the host:
@@ -300,8 +304,13 @@ class SegmentShards:
         data = [torch.frombuffer(images[index]["data"], dtype=torch.uint8) for index in indices]
         try:
             return dict(zip(indices, decode_jpeg(data, mode="RGB", device=self.device)))
-        except RuntimeError:
-            return {index: decode_on_host(images[index]["data"], self.max_pixels, False) for index in indices}
+        except RuntimeError as error:
+            if not self.device_decoder_refused:
+                self.device_decoder_refused = True
+                _logger.warning("segpipe: the GPU's JPEG decoder refused a batch of %d (%s); decoding it on the host "
+                                "(logged once per actor)", len(indices), str(error).strip().splitlines()[0])  # fmt: skip
+            on_host = self._decode_async(images, indices, device_can_decode=False)
+            return {index: future.result() for index, future in zip(indices, on_host)}
 
     def _predict(self, loaded: LoadedModel, pixels: dict[int, torch.Tensor]) -> dict[int, Runs | Detections | Exception]:
         """Each image's model output (or the exception it failed with), batching images of one

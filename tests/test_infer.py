@@ -2,7 +2,8 @@
 memory is split and retried down to single images; only an image that does not fit alone becomes
 an error row. Images batch by the size they enter the network at; compiled, folded and
 channels_last networks give the eager ones' results; class maps equal upsample-then-argmax; a
-threaded actor's network on one thread of its own gives a one-thread actor's rows.
+threaded actor's network on one thread of its own gives a one-thread actor's rows; a batch of
+JPEGs that the batched decoder refuses is decoded image by image, the bad file alone an error.
 
 No GPU here: ``DeviceWithRoomFor`` stands in for one by raising ``torch.OutOfMemoryError``, the
 error CUDA raises, when a forward pass needs more than its capacity.
@@ -28,6 +29,7 @@ from torch._dynamo.utils import counters
 from jobs.sample import encode, photos, shape_pngs
 from models import Weights, get_model_spec, list_models, resolve_weights
 from pipeline.config import RunConfig
+from pipeline.decode import decode_image
 from pipeline.encode import encode_shards
 from pipeline import infer
 from pipeline.infer import (
@@ -342,3 +344,34 @@ def test_a_threaded_actor_with_its_network_on_one_thread_writes_the_rows_of_a_on
     one_by_one = [ray.get(alone.__call__.remote(batch)) for batch in batches]
     assert [_rows(out, weights) for out in at_once] == [_rows(out, weights) for out in one_by_one]
     assert sum(len(_rows(out, weights)[1]) for out in at_once) >= 16
+
+
+class DecodesInOneBatch(SegmentShards):
+    """The model actor, asked to decode a shard's images in one batch as a GPU's nvjpeg does
+    (here TorchCodec's CPU decoder takes the batch, and refuses it as nvjpeg would)."""
+
+    def __init__(self, *, weights: Weights, **kwargs) -> None:
+        super().__init__(weights=[ray.put(weights)], **kwargs)
+
+    def decode_in_one_batch(self, batch: pa.Table) -> tuple[dict[str, object], bool]:
+        images = infer._shard_images(batch.column("images")[0])
+        decoded = self._decode_on_device(images, list(range(len(images))))
+        outcomes = {images[index]["uri"]: result for index, result in decoded.items()}
+        return {Path(uri).name: getattr(result, "error_type", result) for uri, result in outcomes.items()}, self.device_decoder_refused
+
+
+def test_a_batch_the_jpeg_decoder_refuses_is_decoded_on_the_host_image_by_image(tmp_path: Path) -> None:
+    chelsea = photos()["chelsea"]
+    for quality in (70, 90):
+        (tmp_path / f"chelsea-{quality}.jpg").write_bytes(encode(chelsea, "JPEG", quality=quality))
+    (tmp_path / "cut-short.jpg").write_bytes(encode(chelsea, "JPEG")[:2000])
+    config = RunConfig(input=str(tmp_path), output="unused", model="unet", weights="shapes", run_date=dt.date(2026, 11, 27))
+    weights = resolve_weights(config.weights, get_model_spec(config.model))
+    actor = ray.remote(num_cpus=1)(DecodesInOneBatch).remote(configs=[config], run_ids=["test"], device="cpu", weights=weights,
+                                                             pipeline_started_at=time.time())  # fmt: skip
+    outcomes, refused = ray.get(actor.decode_in_one_batch.remote(_shard_batch(tmp_path, config)))
+    assert refused  # and logged once, so that an operator sees a device that refuses every batch
+    assert outcomes["cut-short.jpg"] == "truncated_image"  # the one bad file gets its error row, the rest their pixels
+    for quality in (70, 90):
+        expected = torch.from_numpy(decode_image(encode(chelsea, "JPEG", quality=quality), max_pixels=10**8)).permute(2, 0, 1)
+        assert torch.equal(outcomes[f"chelsea-{quality}.jpg"], expected)
