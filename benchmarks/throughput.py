@@ -17,7 +17,9 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   them (:data:`pipeline.infer.DECODE_WINDOW_BATCHES` batches), by TorchCodec's ``decode_jpeg``:
   on CUDA in one batched nvjpeg call (on the GPU's hardware decoder where it has one, else
   Huffman decoding on the host image by image), on CPUs one image at a time on one core
-  (libjpeg-turbo);
+  (libjpeg-turbo); also from four threads at once, each on a CUDA stream of its own, as a
+  threaded actor's threads decode, and with torchvision's decoder (segpipe's before TorchCodec;
+  one per process behind a lock), one thread and four;
 - **end-to-end**: ``segpipe run`` from the JPEG files to the committed manifest, wall clock,
   Ray start-up excluded (reported on its own); also the seconds until the first shard was
   written (the driver's listing, actor start-up, model load, the first shard's work) and the
@@ -60,6 +62,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -185,19 +188,39 @@ def class_maps_only(
     return {"ips": _images_per_second(step, count=count, batch_size=batch_size, device=device)}
 
 
-def decode_only(images: Path, *, count: int, device: str, window: int) -> dict:
-    """Images/s of decoding ``window`` of the benchmark's JPEGs at a time to RGB as the model
-    actor does: on CUDA one batched nvjpeg call per window, on CPUs one image after another."""
+def decode_only(
+    images: Path, *, count: int, device: str, window: int, threads: int = 1, decode: Callable[..., object] = decode_jpeg
+) -> dict:
+    """Images/s of decoding ``window`` of the benchmark's JPEGs at a time to RGB with ``decode``
+    as the model actor does: on CUDA one batched nvjpeg call per window, on CPUs one image after
+    another; with ``threads`` above 1, a window in each of that many threads at once, each on a
+    CUDA stream of its own, as a threaded actor's threads decode."""
     data = _encoded_jpegs(images, window)
-    if device == "cuda":
-        step = functools.partial(decode_jpeg, data, mode="RGB", device=device)
-    else:
 
-        def step() -> None:
-            for encoded in data:
-                decode_jpeg(encoded, mode="RGB")
+    def one_window(stream: torch.cuda.Stream | None) -> None:
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if device == "cuda":
+                decode(data, mode="RGB", device=device)
+            else:
+                for encoded in data:
+                    decode(encoded, mode="RGB")
 
-    return {"ips": _images_per_second(step, count=count, batch_size=window, device=device)}
+    streams = [torch.cuda.Stream() if device == "cuda" else None for _ in range(threads)]
+    with ThreadPoolExecutor(threads) as pool:
+        step = functools.partial(one_window, streams[0]) if threads == 1 else lambda: list(pool.map(one_window, streams))
+        return {"ips": _images_per_second(step, count=count, batch_size=window * threads, device=device)}
+
+
+def _decode_variants() -> dict[str, tuple[Callable[..., object], int]]:
+    """JPEG decoders timed beside segpipe's own (TorchCodec's, one thread): name -> (decoder,
+    threads). torchvision's, which segpipe used before TorchCodec, is one per process behind a
+    lock; TorchCodec's gives each thread a decoder of its own."""
+    variants = {"4 threads": (decode_jpeg, 4)}
+    try:
+        from torchvision.io import decode_jpeg as torchvision_decode_jpeg  # deprecated since torchvision 0.29
+    except ImportError:  # a torchvision without its decoders
+        return variants
+    return variants | {"torchvision": (torchvision_decode_jpeg, 1), "torchvision, 4 threads": (torchvision_decode_jpeg, 4)}
 
 
 def _encoded_jpegs(images: Path, count: int) -> list[torch.Tensor]:
@@ -444,7 +467,12 @@ def measure(
         name: class_maps_only(model_name, weights, images, **shape, bf16=bf16, channels_last=logits_channels_last, make_maps=make_maps)["ips"]
         for name, (make_maps, logits_channels_last) in _class_maps_variants(channels_last, device).items()
     })  # fmt: skip
-    decoded = _reported("decode only", decode_only(images, count=count, device=device, window=DECODE_WINDOW_BATCHES * batch_size))
+    window = DECODE_WINDOW_BATCHES * batch_size
+    decoded = _reported("decode only", decode_only(images, count=count, device=device, window=window))
+    decoded_variants = _reported("decode only variants", {
+        name: decode_only(images, count=count, device=device, window=window, threads=threads, decode=decode)["ips"]
+        for name, (decode, threads) in _decode_variants().items()
+    })  # fmt: skip
     torchvision_forward = None if spec.task == "semantic" else _reported(
         "model-only, torchvision's forward", model_only(model_name, weights, **shape, bf16=bf16, channels_last=False, torchvision_forward=True)
     )
@@ -474,6 +502,7 @@ def measure(
         "class_maps_only_ips": class_maps_ips.get(_AS_THE_PIPELINE_RUNS_IT),
         "class_maps_only_variants_ips": {name: ips for name, ips in class_maps_ips.items() if name != _AS_THE_PIPELINE_RUNS_IT},
         "decode_only_ips": decoded["ips"],
+        "decode_only_variants_ips": decoded_variants,
         "actor_only_ips": alone["ips"] if alone else None,
         "end_to_end_ips": whole["ips"],
         "end_to_end_steady_ips": whole["steady_ips"],
@@ -497,7 +526,7 @@ def measure(
         "model_only_peak_gpu_bytes": only["peak_gpu_bytes"],
         "gpu_busy_percent": whole["gpu_busy_percent"],
         "peak_gpu_memory_mib": whole["peak_gpu_memory_mib"],
-        "versions": {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "ray", "pyarrow")},
+        "versions": {name: importlib.metadata.version(name) for name in ("torch", "torchvision", "torchcodec", "ray", "pyarrow")},
         "date": dt.date.today().isoformat(),
     }
 
