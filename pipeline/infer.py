@@ -286,7 +286,8 @@ class SegmentShards:
         """Per image, a future of its ``(3, H, W)`` pixels, its :class:`DecodeError`, or ``None``
         where the device is to decode it."""
         on_device = device_can_decode and self.device.type == "cuda"
-        return [self.decoder.submit(decode_on_host, images[index]["data"], self.max_pixels, on_device) for index in indices]
+        return [self.decoder.submit(decode_on_host, images[index]["data"], max_pixels=self.max_pixels, device_can_decode=on_device)
+                for index in indices]  # fmt: skip
 
     def _decode_on_device(self, images: list[dict], indices: list[int]) -> dict[int, torch.Tensor | DecodeError]:
         """``indices``' JPEGs decoded in one batch on the device; on the host threads, should the
@@ -651,7 +652,7 @@ def kept_detections(
         yield boxes, output["labels"][keep], output["scores"][keep], masks
 
 
-def decode_on_host(data: memoryview, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
+def decode_on_host(data: memoryview, *, max_pixels: int, device_can_decode: bool) -> torch.Tensor | DecodeError | None:
     """RGB uint8 ``(3, H, W)`` pixels or the :class:`DecodeError`; ``None`` for a JPEG that the
     device decodes instead, when it can.
 

@@ -124,11 +124,11 @@ def test_the_actors_host_threads_decode_plain_jpegs_to_pillows_pixels() -> None:
     plain = [encode(chelsea, "JPEG", quality=quality, subsampling=subsampling) for quality in (75, 95) for subsampling in (0, 2)]
     plain.append(encode(chelsea, "JPEG", progressive=True))
     awkward = awkward_images()
-    others = [awkward["cmyk_chelsea.jpg"], awkward["exif_rotated_rocket.jpg"], encode(chelsea[:, :, 0], "JPEG"), awkward["chelsea.webp"]]
+    others = [awkward[name] for name in ("cmyk_chelsea.jpg", "exif_rotated_rocket.jpg", "chelsea.webp")] + [encode(chelsea[:, :, 0], "JPEG")]
     for data in plain + others:
-        pixels = decode_on_host(memoryview(pa.py_buffer(data)), MAX_PIXELS, False)
+        pixels = decode_on_host(memoryview(pa.py_buffer(data)), max_pixels=MAX_PIXELS, device_can_decode=False)
         assert torch.equal(pixels, torch.from_numpy(decode_image(data, max_pixels=MAX_PIXELS)).permute(2, 0, 1))
-    on_gpu = [decode_on_host(memoryview(data), MAX_PIXELS, True) is None for data in plain + others]
+    on_gpu = [decode_on_host(memoryview(data), max_pixels=MAX_PIXELS, device_can_decode=True) is None for data in plain + others]
     assert on_gpu == [True] * len(plain) + [False] * len(others)  # a GPU's nvjpeg takes only the plain ones
-    truncated = decode_on_host(memoryview(truncated_jpeg()), MAX_PIXELS, False)
+    truncated = decode_on_host(memoryview(truncated_jpeg()), max_pixels=MAX_PIXELS, device_can_decode=False)
     assert isinstance(truncated, DecodeError) and truncated.error_type == "truncated_image"

@@ -356,8 +356,8 @@ class DecodesInOneBatch(SegmentShards):
     def decode_in_one_batch(self, batch: pa.Table) -> tuple[dict[str, object], bool]:
         images = infer._shard_images(batch.column("images")[0])
         decoded = self._decode_on_device(images, list(range(len(images))))
-        outcomes = {images[index]["uri"]: result for index, result in decoded.items()}
-        return {Path(uri).name: getattr(result, "error_type", result) for uri, result in outcomes.items()}, self.device_decoder_refused
+        by_name = {Path(images[index]["uri"]).name: getattr(result, "error_type", result) for index, result in decoded.items()}
+        return by_name, self.device_decoder_refused
 
 
 def test_a_batch_the_jpeg_decoder_refuses_is_decoded_on_the_host_image_by_image(tmp_path: Path) -> None:
