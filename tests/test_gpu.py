@@ -1,4 +1,5 @@
-"""The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, the device's
+"""The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, from several
+threads at once too, the device's
 run finding, union areas and batched mask paste equal the host's and torchvision's, class maps
 equal float32 upsampling's but for ties, a threaded actor's network thread queues its kernels on
 each caller's stream, an actor on half a GPU keeps to half its memory, and ``segpipe run`` on a
@@ -38,15 +39,40 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
 
 
-def test_nvjpeg_decodes_what_pillow_decodes() -> None:
+def _plain_jpegs() -> list[bytes]:
     jpegs = [encode(photo, "JPEG", quality=quality) for photo in photos().values() for quality in (75, 95)]
     jpegs.append(encode(photos()["chelsea"], "JPEG", progressive=True))
     assert all(plain_rgb_jpeg(data, max_pixels=10**8) for data in jpegs)
+    return jpegs
+
+
+def _assert_pillows_pixels(pixels: torch.Tensor, data: bytes) -> None:
+    reference = torch.from_numpy(decode_image(data, max_pixels=10**8)).permute(2, 0, 1)
+    assert pixels.shape == reference.shape
+    assert (pixels.cpu().int() - reference.int()).abs().float().mean() < 1.5  # the decoders' rounding differs
+
+
+def test_nvjpeg_decodes_what_pillow_decodes() -> None:
+    jpegs = _plain_jpegs()
     on_device = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs], mode="RGB", device="cuda")
     for data, pixels in zip(jpegs, on_device):
-        reference = torch.from_numpy(decode_image(data, max_pixels=10**8)).permute(2, 0, 1)
-        assert pixels.shape == reference.shape
-        assert (pixels.cpu().int() - reference.int()).abs().float().mean() < 1.5  # the decoders' rounding differs
+        _assert_pillows_pixels(pixels, data)
+
+
+def test_nvjpeg_in_four_threads_at_once_on_their_own_streams_decodes_what_pillow_decodes() -> None:
+    # as a threaded actor's threads decode their windows: each takes a decoder of its own from TorchCodec's pool
+    jpegs = _plain_jpegs()
+
+    def decode_window(seed: int) -> list[tuple[bytes, torch.Tensor]]:
+        window = [jpegs[index] for index in np.random.default_rng(seed).permutation(len(jpegs))]
+        with torch.cuda.stream(torch.cuda.Stream()):
+            decoded = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in window], mode="RGB", device="cuda")
+            return [(data, pixels.cpu()) for data, pixels in zip(window, decoded)]
+
+    with ThreadPoolExecutor(4) as threads:
+        for window in threads.map(decode_window, range(12)):
+            for data, pixels in window:
+                _assert_pillows_pixels(pixels, data)
 
 
 def test_runs_and_union_areas_on_the_gpu_equal_the_hosts() -> None:
