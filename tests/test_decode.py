@@ -124,7 +124,8 @@ def test_the_actors_host_threads_decode_plain_jpegs_to_pillows_pixels() -> None:
     plain = [encode(chelsea, "JPEG", quality=quality, subsampling=subsampling) for quality in (75, 95) for subsampling in (0, 2)]
     plain.append(encode(chelsea, "JPEG", progressive=True))
     awkward = awkward_images()
-    others = [awkward[name] for name in ("cmyk_chelsea.jpg", "exif_rotated_rocket.jpg", "chelsea.webp")] + [encode(chelsea[:, :, 0], "JPEG")]
+    others = [awkward[name] for name in ("cmyk_chelsea.jpg", "exif_rotated_rocket.jpg", "chelsea.webp")]
+    others.append(encode(chelsea[:, :, 0], "JPEG"))
     for data in plain + others:
         pixels = decode_on_host(memoryview(pa.py_buffer(data)), max_pixels=MAX_PIXELS, device_can_decode=False)
         assert torch.equal(pixels, torch.from_numpy(decode_image(data, max_pixels=MAX_PIXELS)).permute(2, 0, 1))

@@ -66,7 +66,8 @@ def test_nvjpeg_in_four_threads_at_once_on_their_own_streams_decodes_what_pillow
     def decode_window(seed: int) -> list[tuple[bytes, torch.Tensor]]:
         window = [jpegs[index] for index in np.random.default_rng(seed).permutation(len(jpegs))]
         with torch.cuda.stream(torch.cuda.Stream()):
-            decoded = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in window], mode="RGB", device="cuda")
+            encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in window]
+            decoded = decode_jpeg(encoded, mode="RGB", device="cuda")
             return [(data, pixels.cpu()) for data, pixels in zip(window, decoded)]
 
     with ThreadPoolExecutor(4) as threads:

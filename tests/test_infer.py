@@ -350,9 +350,6 @@ class DecodesInOneBatch(SegmentShards):
     """The model actor, asked to decode a shard's images in one batch as a GPU's nvjpeg does
     (here TorchCodec's CPU decoder takes the batch, and refuses it as nvjpeg would)."""
 
-    def __init__(self, *, weights: Weights, **kwargs) -> None:
-        super().__init__(weights=[ray.put(weights)], **kwargs)
-
     def decode_in_one_batch(self, batch: pa.Table) -> tuple[dict[str, object], bool]:
         images = infer._shard_images(batch.column("images")[0])
         decoded = self._decode_on_device(images, list(range(len(images))))
@@ -367,8 +364,8 @@ def test_a_batch_the_jpeg_decoder_refuses_is_decoded_on_the_host_image_by_image(
     (tmp_path / "cut-short.jpg").write_bytes(encode(chelsea, "JPEG")[:2000])
     config = RunConfig(input=str(tmp_path), output="unused", model="unet", weights="shapes", run_date=dt.date(2026, 11, 27))
     weights = resolve_weights(config.weights, get_model_spec(config.model))
-    actor = ray.remote(num_cpus=1)(DecodesInOneBatch).remote(configs=[config], run_ids=["test"], device="cpu", weights=weights,
-                                                             pipeline_started_at=time.time())  # fmt: skip
+    actor = ray.remote(num_cpus=1)(DecodesInOneBatch).remote(configs=[config], run_ids=["test"], device="cpu",
+                                                             weights=[ray.put(weights)], pipeline_started_at=time.time())  # fmt: skip
     outcomes, refused = ray.get(actor.decode_in_one_batch.remote(_shard_batch(tmp_path, config)))
     assert refused  # and logged once, so that an operator sees a device that refuses every batch
     assert outcomes["cut-short.jpg"] == "truncated_image"  # the one bad file gets its error row, the rest their pixels
