@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,19 @@ import pytest
 WEED = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
 S3_ACCESS_KEY = "segpipe-test-access"
 S3_SECRET_KEY = "segpipe-test-secret-f00d"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs two workers), each worker and every process it starts
+    gets a temporary directory of its own: Ray records the address of the last cluster started
+    (``ray.cluster_utils.Cluster``) in ``$TMPDIR/ray/ray_current_cluster``, and a ``segpipe run``
+    of the other worker would join that cluster instead of starting its own."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker:
+        directory = Path(f"/tmp/segpipe-{worker}")  # short: Ray's socket paths must fit in 107 bytes
+        directory.mkdir(exist_ok=True)
+        os.environ["TMPDIR"] = str(directory)
+        tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
 def _free_ports(count: int) -> list[int]:
