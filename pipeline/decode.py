@@ -51,10 +51,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     """RGB uint8 ``(height, width, 3)`` pixels of the encoded image ``data``."""
     if not data:
         raise DecodeError("empty_file", "the file is empty (0 bytes)")
+    # Whatever Pillow's parsers raise for a malformed file is that file's error row, never the shard's failure.
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
         raise _unopenable(data) from None
+    except Exception as error:  # noqa: BLE001 - a recognised format whose header Pillow cannot read
+        raise _unreadable_header(data, error) from None
     refusal = _refusal(*image.size, max_pixels=max_pixels)
     if refusal is not None:
         raise refusal
@@ -62,7 +65,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         image.load()
         image = _upright(image)
         return _to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+    except Exception as error:  # noqa: BLE001 - see above
         if "truncated" in str(error) or "broken data stream" in str(error):
             raise DecodeError("truncated_image", f"{image.format} data ends early: {error}") from None
         raise DecodeError("decode_error", f"{image.format} {image.mode} image cannot be decoded: {error}") from None
@@ -111,10 +114,27 @@ def _unopenable(data: bytes) -> DecodeError:
         return DecodeError(
             "unsupported_format", f"{other_format} images are not decoded (supported: {', '.join(SUPPORTED_FORMATS)})"
         )
-    claimed = next((name for magic, name in _MAGIC_NUMBERS.items() if data.startswith(magic)), None)
-    if claimed is not None or data[8:12] == b"WEBP":
-        return DecodeError("decode_error", f"starts like a {claimed or 'WEBP'} file, but its header is invalid")
+    claimed = _claimed_format(data)
+    if claimed is not None:
+        return DecodeError("decode_error", f"starts like a {claimed} file, but its header is invalid")
     return DecodeError("not_an_image", f"not a recognised image format ({_describe_start(data)})")
+
+
+def _unreadable_header(data: bytes, error: Exception) -> DecodeError:
+    """Why Pillow took ``data`` for a supported format but could not read its header: a file cut
+    short within it (Pillow's JPEG parser says so; a WebP's RIFF size says more bytes follow), or
+    an invalid one."""
+    claimed = _claimed_format(data) or "image"
+    if "truncated" in str(error).lower() or (claimed == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data)):
+        return DecodeError("truncated_image", f"{claimed} data ends early: {error}")
+    return DecodeError("decode_error", f"starts like a {claimed} file, but its header is invalid: {error}")
+
+
+def _claimed_format(data: bytes) -> str | None:
+    """The supported format whose magic number ``data`` starts with, whatever follows it."""
+    if data[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC_NUMBERS.items() if data.startswith(magic)), None)
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -56,6 +56,9 @@ BROKEN = {
     "random bytes": (np.random.default_rng(0).bytes(5000), "not_an_image"),
     "html error page": (b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>", "not_an_image"),
     "truncated jpeg": (truncated_jpeg(), "truncated_image"),
+    "jpeg cut within its header": (truncated_jpeg()[:200], "truncated_image"),
+    "truncated webp": (encode(photos()["chelsea"], "WEBP")[:5000], "truncated_image"),
+    "webp cut within its header": (encode(photos()["chelsea"], "WEBP")[:40], "truncated_image"),
 }
 
 
@@ -66,6 +69,32 @@ def test_broken_files_get_specific_error_types(case: str) -> None:
         decode_image(data, max_pixels=MAX_PIXELS)
     assert raised.value.error_type == error_type
     assert str(raised.value)
+
+
+def test_any_cut_or_corruption_of_any_supported_format_is_an_error_row_or_pixels_the_same_either_way() -> None:
+    # what a shard's actor meets in a real archive: each such file gets its own row, never the shard's failure,
+    # and the host's tensor decoder (libjpeg-turbo) agrees with Pillow on every one
+    rng = np.random.default_rng(5)
+    small = photos()["chelsea"][:96, :128]
+    originals = [encode(small, image_format) for image_format in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")]
+    originals += [encode(small, "JPEG", progressive=True), encode(small, "WEBP", lossless=True)]
+    for original in originals:
+        damaged = [original[:cut] for cut in rng.integers(1, len(original), 25)]
+        for _ in range(25):
+            corrupted = np.frombuffer(original, dtype=np.uint8).copy()
+            positions = rng.integers(0, len(original), rng.integers(1, 9))
+            corrupted[positions] = rng.integers(0, 256, len(positions))
+            damaged.append(corrupted.tobytes())
+        for data in damaged:
+            try:
+                expected: torch.Tensor | str = torch.from_numpy(decode_image(data, max_pixels=MAX_PIXELS)).permute(2, 0, 1)
+            except DecodeError as error:
+                expected = error.error_type
+            on_host = decode_on_host(memoryview(data), max_pixels=MAX_PIXELS, device_can_decode=False)
+            if isinstance(expected, str):
+                assert isinstance(on_host, DecodeError) and on_host.error_type == expected
+            else:
+                assert isinstance(on_host, torch.Tensor) and torch.equal(on_host, expected)
 
 
 def test_html_is_named_in_the_message() -> None:
