@@ -81,10 +81,28 @@ def plain_rgb_jpeg(data: bytes | memoryview, *, max_pixels: int) -> bool:
     data = memoryview(data).cast("B")
     if data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return False
+    return _plain_header(data, image_format="JPEG", modes=("RGB",), max_pixels=max_pixels)
+
+
+def plain_webp(data: bytes | memoryview, *, max_pixels: int) -> bool:
+    """Whether libwebp may write ``data``'s pixels straight into a tensor in place of
+    :func:`decode_image`: a complete (its RIFF size is the file's), still (not animated), upright
+    WebP within the limits, lossy or lossless, with or without alpha (dropped, as Pillow drops
+    it); libwebp gives Pillow's pixels for it. The rest goes to :func:`decode_image`."""
+    data = memoryview(data).cast("B")
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or int.from_bytes(data[4:8], "little") + 8 != len(data):
+        return False
+    return _plain_header(data, image_format="WEBP", modes=("RGB", "RGBA"), max_pixels=max_pixels)
+
+
+def _plain_header(data: memoryview, *, image_format: str, modes: tuple[str, ...], max_pixels: int) -> bool:
+    """Whether ``data``'s header (read by Pillow, no pixel decoded) is of one still, upright image
+    of ``image_format`` in one of ``modes``, within the limits."""
     try:
-        with Image.open(pa.BufferReader(data), formats=("JPEG",)) as image:  # reads the header only
+        with Image.open(pa.BufferReader(data), formats=(image_format,)) as image:
             return (
-                image.mode == "RGB"
+                image.mode in modes
+                and not getattr(image, "is_animated", False)
                 and _refusal(*image.size, max_pixels=max_pixels) is None
                 and image.getexif().get(_EXIF_ORIENTATION, 1) == 1
             )

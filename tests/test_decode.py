@@ -1,5 +1,5 @@
 """Decode stage: awkward but valid images become RGB; broken ones get a specific error_type; the
-actors' host threads decode plain JPEGs to the pixels Pillow gives."""
+actors' host threads decode plain JPEGs and WebPs to the pixels Pillow gives."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from jobs.sample import awkward_images, encode, photos, truncated_jpeg
-from pipeline.decode import DecodeError, decode_image, plain_rgb_jpeg
+from pipeline.decode import DecodeError, decode_image, plain_rgb_jpeg, plain_webp
 from pipeline.infer import decode_on_host
 
 MAX_PIXELS = 100_000_000
@@ -73,7 +73,7 @@ def test_broken_files_get_specific_error_types(case: str) -> None:
 
 def test_any_cut_or_corruption_of_any_supported_format_is_an_error_row_or_pixels_the_same_either_way() -> None:
     # what a shard's actor meets in a real archive: each such file gets its own row, never the shard's failure,
-    # and the host's tensor decoder (libjpeg-turbo) agrees with Pillow on every one
+    # and the host's tensor decoders (libjpeg-turbo, libwebp) agree with Pillow on every one
     rng = np.random.default_rng(5)
     small = photos()["chelsea"][:96, :128]
     originals = [encode(small, image_format) for image_format in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")]
@@ -147,18 +147,55 @@ def test_only_complete_upright_rgb_jpegs_within_the_limits_go_to_the_gpu_decoder
     assert not plain_rgb_jpeg(memoryview(held)[2 + len(plain) :], max_pixels=10**8)
 
 
-def test_the_actors_host_threads_decode_plain_jpegs_to_pillows_pixels() -> None:
-    # libjpeg-turbo straight into a tensor for plain JPEGs, Pillow for the rest, as views of the object store's bytes
+def _webps() -> dict[str, bytes]:
+    """Still WebPs in each of libwebp's encodings: lossy, lossless, and both with alpha (a corner
+    fully transparent, where a lossless encoder may rewrite the colours under it)."""
+    chelsea = Image.fromarray(photos()["chelsea"])
+    translucent = chelsea.convert("RGBA")
+    translucent.putalpha(Image.linear_gradient("L").resize(chelsea.size).point(lambda alpha: 0 if alpha < 64 else alpha))
+    return {
+        "lossy": encode(chelsea, "WEBP", quality=80),
+        "lossless": encode(chelsea, "WEBP", lossless=True),
+        "lossy, alpha": encode(translucent, "WEBP", quality=80),
+        "lossless, alpha": encode(translucent, "WEBP", lossless=True),
+    }
+
+
+def test_only_complete_still_upright_webps_within_the_limits_skip_pillow() -> None:
+    webps = _webps()
+    for name, data in webps.items():
+        assert plain_webp(data, max_pixels=10**8), name
+    chelsea = Image.fromarray(photos()["chelsea"])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    refused = {
+        "truncated": webps["lossy"][: len(webps["lossy"]) // 2],
+        "trailing garbage": webps["lossy"] + b"\x00garbage",
+        "animated": encode(chelsea, "WEBP", save_all=True, append_images=[chelsea.rotate(90)]),
+        "exif rotation": encode(chelsea, "WEBP", exif=exif),
+        "jpeg": encode(chelsea, "JPEG"),
+        "empty": b"",
+    }
+    for name, data in refused.items():
+        assert not plain_webp(data, max_pixels=10**8), name
+    assert plain_webp(encode(chelsea, "WEBP", exif=Image.Exif()), max_pixels=10**8)  # EXIF without a rotation
+    assert not plain_webp(webps["lossy"], max_pixels=chelsea.width * chelsea.height - 1)
+
+
+def test_the_actors_host_threads_decode_plain_jpegs_and_webps_to_pillows_pixels() -> None:
+    # libjpeg-turbo and libwebp straight into a tensor for plain JPEGs and WebPs, Pillow for the rest,
+    # as views of the object store's bytes
     chelsea = photos()["chelsea"]
     plain = [encode(chelsea, "JPEG", quality=quality, subsampling=subsampling) for quality in (75, 95) for subsampling in (0, 2)]
     plain.append(encode(chelsea, "JPEG", progressive=True))
     awkward = awkward_images()
-    others = [awkward[name] for name in ("cmyk_chelsea.jpg", "exif_rotated_rocket.jpg", "chelsea.webp")]
-    others.append(encode(chelsea[:, :, 0], "JPEG"))
+    others = [awkward[name] for name in ("cmyk_chelsea.jpg", "exif_rotated_rocket.jpg", "palette_animated.gif")]
+    others += [encode(chelsea[:, :, 0], "JPEG"), *_webps().values()]
     for data in plain + others:
         pixels = decode_on_host(memoryview(pa.py_buffer(data)), max_pixels=MAX_PIXELS, device_can_decode=False)
         assert torch.equal(pixels, torch.from_numpy(decode_image(data, max_pixels=MAX_PIXELS)).permute(2, 0, 1))
     on_gpu = [decode_on_host(memoryview(data), max_pixels=MAX_PIXELS, device_can_decode=True) is None for data in plain + others]
-    assert on_gpu == [True] * len(plain) + [False] * len(others)  # a GPU's nvjpeg takes only the plain ones
-    truncated = decode_on_host(memoryview(truncated_jpeg()), max_pixels=MAX_PIXELS, device_can_decode=False)
-    assert isinstance(truncated, DecodeError) and truncated.error_type == "truncated_image"
+    assert on_gpu == [True] * len(plain) + [False] * len(others)  # a GPU's nvjpeg takes only the plain JPEGs
+    for broken in (truncated_jpeg(), _webps()["lossy"][:-100]):
+        error = decode_on_host(memoryview(broken), max_pixels=MAX_PIXELS, device_can_decode=False)
+        assert isinstance(error, DecodeError) and error.error_type == "truncated_image"
