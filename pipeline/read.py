@@ -71,19 +71,25 @@ def _read_container(shard: Shard, image_column: str) -> list[dict]:
     """Rows of a tar or Parquet shard; a transient error is raised, so the whole container is read again."""
     source = shard.sources[0]
     fs, path = fsspec.core.url_to_fs(source.uri)
-    rows: list[dict] = []
     try:
-        with fs.open(path, "rb") as file:
+        file = fs.open(path, "rb")
+    except OSError as failure:  # missing or forbidden
+        if is_transient(failure):
+            raise
+        return [_row(source.uri, None, ("read_error", f"{type(failure).__name__}: {failure}"))]
+    rows: list[dict] = []
+    with file:
+        try:
             members = _tar_members(file, source.size) if shard.kind == "tar" else _parquet_members(file, image_column)
             for member, data, error in members:
                 if shard.max_images is not None and len(rows) >= shard.max_images:
                     break
                 rows.append(_row(f"{source.uri}#{member}", data, error))
-    except (OSError, tarfile.TarError, pa.ArrowException) as failure:
-        if is_transient(failure):
-            raise
-        error_type = "read_error" if not rows and isinstance(failure, OSError) else "unreadable_archive"
-        rows.append(_row(source.uri, None, (error_type, f"after {len(rows)} images: {type(failure).__name__}: {failure}")))
+        except Exception as failure:  # noqa: BLE001 - whatever a damaged container makes its parser raise
+            if is_transient(failure):
+                raise
+            message = f"after {len(rows)} images: {type(failure).__name__}: {failure}"
+            rows.append(_row(source.uri, None, ("unreadable_archive", message)))
     return rows
 
 
@@ -122,11 +128,15 @@ def _tar_members(file, size: int) -> Iterator[tuple[str, bytes | None, tuple[str
         for member in tar:
             if member.isfile() and image_extension(member.name):
                 yield member.name, tar.extractfile(member).read(), None
-        # tarfile ends quietly at a cut-off header; a whole archive has zero blocks after its members.
-        if size < tar.offset + tarfile.BLOCKSIZE:
-            raise tarfile.ReadError(f"the archive ends at byte {size} without its end-of-archive blocks (truncated?)")
-
-
+        end = tar.offset
+    # tarfile ends quietly at a header it cannot read, cut off or damaged, as at the end of the archive,
+    # which is zero blocks after the last member: anything else there holds members that were not read.
+    if size < end + tarfile.BLOCKSIZE:
+        raise tarfile.ReadError(f"the archive ends at byte {size} without its end-of-archive blocks (truncated?)")
+    file.seek(end)
+    while rest := file.read(1 << 20):
+        if rest.strip(b"\0"):
+            raise tarfile.ReadError(f"the member header at byte {end} is damaged: the members from there on cannot be read")
 def _parquet_members(file, image_column: str) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
     parquet = pq.ParquetFile(file)
     names = parquet.schema_arrow.names

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -80,3 +81,43 @@ def test_parquet_without_the_image_column_names_the_columns(tmp_path: Path) -> N
     [images] = _read(tmp_path)
     assert [row["error_type"] for row in images] == ["missing_image_column"] * 2
     assert "pixels" in images[0]["error_message"] and "--image-column" in images[0]["error_message"]
+
+
+def test_a_tar_with_a_damaged_member_header_keeps_the_images_before_it_and_says_so(tmp_path: Path) -> None:
+    # tarfile ends quietly at a header whose checksum fails, as at the end of the archive: the images after it
+    # were dropped without a word before segpipe looked at what follows
+    data = bytearray(tar_of({"k1.jpg": JPEG, "k2.jpg": JPEG, "k3.jpg": JPEG}))
+    data[K2_HEADER + 3] ^= 0xFF  # k2's name
+    (tmp_path / "s.tar").write_bytes(bytes(data))
+    [images] = _read(tmp_path)
+    assert [row["error_type"] for row in images] == [None, "unreadable_archive"] and images[0]["data"] == JPEG
+    assert f"byte {K2_HEADER}" in images[1]["error_message"]
+
+
+def test_concatenated_tars_are_not_taken_for_the_first_one_alone(tmp_path: Path) -> None:
+    (tmp_path / "s.tar").write_bytes(tar_of({"k1.jpg": JPEG}) + tar_of({"k2.jpg": JPEG}))
+    [images] = _read(tmp_path)
+    assert [row["error_type"] for row in images] == [None, "unreadable_archive"]
+
+
+def test_any_cut_or_corruption_of_a_container_keeps_what_it_can_and_names_the_rest(tmp_path: Path) -> None:
+    # never a failed shard, never images missing without a row that says so, and what the storage did not
+    # fail to deliver is never a read_error
+    rng = np.random.default_rng(11)
+    members = {f"k{index}.jpg": encode(photos()["chelsea"][:48, :64], "JPEG", quality=50 + index) for index in range(4)}
+    parquet = pa.BufferOutputStream()
+    pq.write_table(pa.table({"image": list(members.values())}), parquet)
+    for suffix, whole in ((".tar", tar_of(members)), (".parquet", parquet.getvalue().to_pybytes())):
+        damaged = [whole[:cut] for cut in rng.integers(1, len(whole), 20)]
+        for _ in range(40):
+            corrupted = np.frombuffer(whole, dtype=np.uint8).copy()
+            positions = rng.integers(0, len(whole), rng.integers(1, 9))
+            corrupted[positions] = rng.integers(0, 256, len(positions))
+            damaged.append(corrupted.tobytes())
+        for number, data in enumerate(damaged):
+            path = tmp_path / f"{number}{suffix}"
+            path.write_bytes(data)
+            [images] = _read(path)
+            errors = [row["error_type"] for row in images if row["error_type"] is not None]
+            assert errors in ([], ["unreadable_archive"]), errors
+            assert len(images) - len(errors) == len(members) or errors == ["unreadable_archive"]
