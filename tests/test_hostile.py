@@ -150,11 +150,12 @@ def test_objects_the_job_may_not_read_are_read_error_rows(private_s3, tmp_path: 
     admin.mkdir("results")
     for folder in ("open", "closed"):
         admin.pipe(f"archive/photos/{folder}/coffee.jpg", encode(photos()["coffee"][::8, ::8], "JPEG"))
+    admin.pipe("archive/photos/closed/shard.tar", tar_of({"chelsea.jpg": encode(photos()["chelsea"][::8, ::8], "JPEG")}))
     runner = {**private_s3.environment(), "AWS_ACCESS_KEY_ID": "segpipe-runner", "AWS_SECRET_ACCESS_KEY": "runner-secret-5eed"}
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_", "AWS_"))} | runner
     result = subprocess.run(
         [str(Path(sys.executable).with_name("segpipe")), "run", "--input", "s3://archive/photos", "--output", "s3://results/out",
-         "--model", "lraspp_mobilenet_v3_large", "--weights", "random", "--max-error-rate", "0.5"],
+         "--model", "lraspp_mobilenet_v3_large", "--weights", "random", "--max-error-rate", "0.7"],
         env=environment, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -162,6 +163,7 @@ def test_objects_the_job_may_not_read_are_read_error_rows(private_s3, tmp_path: 
     connection = duckdb.connect()
     connection.register_filesystem(admin)
     rows = connection.sql("SELECT uri, status, error_type, error_message FROM read_parquet('s3://results/out/images/**/*.parquet') ORDER BY uri").fetchall()
-    (closed, opened) = rows
+    (closed, closed_tar, opened) = rows
     assert closed[:3] == ("s3://archive/photos/closed/coffee.jpg", "error", "read_error") and "PermissionError" in closed[3]
+    assert closed_tar[:3] == ("s3://archive/photos/closed/shard.tar", "error", "read_error") and "PermissionError" in closed_tar[3]
     assert opened[:2] == ("s3://archive/photos/open/coffee.jpg", "ok")
