@@ -86,6 +86,18 @@ def truncated_jpeg() -> bytes:
     return data[: len(data) // 3]
 
 
+def damaged_copies(data: bytes, *, cuts: int, corruptions: int, rng: np.random.Generator) -> list[bytes]:
+    """``cuts`` copies of ``data`` cut short at random places, then ``corruptions`` copies with one
+    to eight of its bytes overwritten at random: what interrupted uploads and bad disks leave."""
+    damaged = [data[:cut] for cut in rng.integers(1, len(data), cuts)]
+    for _ in range(corruptions):
+        corrupted = np.frombuffer(data, dtype=np.uint8).copy()
+        positions = rng.integers(0, len(data), rng.integers(1, 9))
+        corrupted[positions] = rng.integers(0, 256, len(positions))
+        damaged.append(corrupted.tobytes())
+    return damaged
+
+
 def build_sample(directory: Path) -> None:
     """Write the sample archive under ``directory`` (replacing files of the same names)."""
     loose = directory / "photos"

@@ -12,7 +12,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from jobs.sample import awkward_images, encode, photos, truncated_jpeg
+from jobs.sample import awkward_images, damaged_copies, encode, photos, truncated_jpeg
 from pipeline.decode import DecodeError, decode_image, plain_rgb_jpeg, plain_webp
 from pipeline.infer import decode_on_host
 
@@ -79,13 +79,7 @@ def test_any_cut_or_corruption_of_any_supported_format_is_an_error_row_or_pixels
     originals = [encode(small, image_format) for image_format in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")]
     originals += [encode(small, "JPEG", progressive=True), encode(small, "WEBP", lossless=True)]
     for original in originals:
-        damaged = [original[:cut] for cut in rng.integers(1, len(original), 25)]
-        for _ in range(25):
-            corrupted = np.frombuffer(original, dtype=np.uint8).copy()
-            positions = rng.integers(0, len(original), rng.integers(1, 9))
-            corrupted[positions] = rng.integers(0, 256, len(positions))
-            damaged.append(corrupted.tobytes())
-        for data in damaged:
+        for data in damaged_copies(original, cuts=25, corruptions=25, rng=rng):
             try:
                 expected: torch.Tensor | str = torch.from_numpy(decode_image(data, max_pixels=MAX_PIXELS)).permute(2, 0, 1)
             except DecodeError as error:

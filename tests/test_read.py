@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.sample import encode, photos, tar_of
+from jobs.sample import damaged_copies, encode, photos, tar_of
 from pipeline.listing import list_shards
 from pipeline.read import image_id, read_shards
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, unnest
@@ -108,13 +108,7 @@ def test_any_cut_or_corruption_of_a_container_keeps_what_it_can_and_names_the_re
     parquet = pa.BufferOutputStream()
     pq.write_table(pa.table({"image": list(members.values())}), parquet)
     for suffix, whole in ((".tar", tar_of(members)), (".parquet", parquet.getvalue().to_pybytes())):
-        damaged = [whole[:cut] for cut in rng.integers(1, len(whole), 20)]
-        for _ in range(40):
-            corrupted = np.frombuffer(whole, dtype=np.uint8).copy()
-            positions = rng.integers(0, len(whole), rng.integers(1, 9))
-            corrupted[positions] = rng.integers(0, 256, len(positions))
-            damaged.append(corrupted.tobytes())
-        for number, data in enumerate(damaged):
+        for number, data in enumerate(damaged_copies(whole, cuts=20, corruptions=40, rng=rng)):
             path = tmp_path / f"{number}{suffix}"
             path.write_bytes(data)
             [images] = _read(path)
