@@ -53,11 +53,17 @@ def format_summary(manifest: dict) -> str:
 
 
 _ACTOR_STEPS = (
-    ("process started after", "actor_process_started_seconds"),
-    ("imports began after", "actor_import_started_seconds"),
-    ("torch imported after", "actor_imported_seconds"),
+    ("process started", "actor_process_started_seconds"),
+    ("imports began", "actor_import_started_seconds"),
+    ("torch imported", "actor_imported_seconds"),
 )
 """How an actor's wait before its constructor splits: (label, the manifest's timings key)."""
+
+
+def _actor_step(label: str, seconds: float) -> str:
+    if seconds < 0:  # a worker process that Ray started ahead of the run and gave the actor
+        return f"{label} by Ray {-seconds:.1f} s before the run"
+    return f"{label} after {seconds:.1f} s"
 
 
 def before_the_pipeline(timings: dict) -> str:
@@ -75,8 +81,8 @@ def stage_line(timings: dict) -> str:
     total = sum(stages.values()) or 1.0
     shares = ", ".join(f"{stage} {seconds / total:.0%}" for stage, seconds in sorted(stages.items(), key=lambda item: -item[1]))
     # absent from older manifests; the process start also on hosts without /proc
-    steps = [(label, timings.get(key)) for label, key in _ACTOR_STEPS] + [("constructor", timings["actor_startup_seconds"])]
-    actor_steps = ", ".join(f"{label} {seconds:.1f} s" for label, seconds in steps if seconds is not None)
+    steps = [_actor_step(label, timings[key]) for label, key in _ACTOR_STEPS if timings.get(key) is not None]
+    actor_steps = ", ".join([*steps, f"constructor {timings['actor_startup_seconds']:.1f} s"])
     return (
         f"first shard written after {timings['first_shard_seconds']:.1f} s (actors ready after {timings['actors_ready_seconds']:.1f} s: "
         f"{actor_steps}); "
