@@ -137,6 +137,8 @@ def _tar_members(file, size: int) -> Iterator[tuple[str, bytes | None, tuple[str
     while rest := file.read(1 << 20):
         if rest.strip(b"\0"):
             raise tarfile.ReadError(f"the member header at byte {end} is damaged: the members from there on cannot be read")
+
+
 def _parquet_members(file, image_column: str) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
     parquet = pq.ParquetFile(file)
     names = parquet.schema_arrow.names
