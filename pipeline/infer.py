@@ -673,8 +673,8 @@ def decode_on_host(data: memoryview, *, max_pixels: int, device_can_decode: bool
     if decode_to_tensor is not None:
         try:
             return decode_to_tensor(torch.frombuffer(data, dtype=torch.uint8), mode="RGB")
-        except RuntimeError:
-            pass  # decode_image says what is wrong with it
+        except Exception:  # noqa: BLE001 - decode_image says what is wrong with it
+            pass
     try:
         return torch.from_numpy(decode_image(bytes(data), max_pixels=max_pixels)).permute(2, 0, 1)
     except DecodeError as error:
