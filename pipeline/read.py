@@ -41,8 +41,8 @@ def read_shards(batch: pa.Table, *, image_column: str) -> pa.Table:
 def read_image_bytes(uri: str, *, image_column: str = "image") -> bytes:
     """The encoded bytes of one image by its ``images.uri``: a file, or ``CONTAINER#MEMBER`` of a
     tar (member name) or Parquet file (row index). For looking at a few images, not for bulk reads."""
-    container, _, member = uri.partition("#")
-    if not member or not container.lower().endswith((".tar", ".parquet")):
+    container, member = _container_and_member(uri)
+    if not member:
         fs, path = fsspec.core.url_to_fs(uri)
         return retrying(lambda: fs.cat_file(path), f"reading {uri}")
     fs, path = fsspec.core.url_to_fs(container)
@@ -59,6 +59,15 @@ def read_image_bytes(uri: str, *, image_column: str = "image") -> bytes:
         raise FileNotFoundError(uri)
 
     return retrying(find_member, f"reading {uri}")
+
+
+def _container_and_member(uri: str) -> tuple[str, str]:
+    """``uri`` split at the first "#" that ends a tar's or Parquet file's name (paths and member
+    names may hold "#" too); ``(uri, "")`` for an image file of its own."""
+    for index, character in enumerate(uri):
+        if character == "#" and uri[:index].lower().endswith((".tar", ".parquet")):
+            return uri[:index], uri[index + 1 :]
+    return uri, ""
 
 
 def _read_shard(shard: Shard, image_column: str) -> list[dict]:

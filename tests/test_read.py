@@ -11,7 +11,7 @@ import pytest
 
 from jobs.sample import damaged_copies, encode, photos, tar_of
 from pipeline.listing import list_shards
-from pipeline.read import image_id, read_shards
+from pipeline.read import image_id, read_image_bytes, read_shards
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, unnest
 
 JPEG = encode(photos()["chelsea"], "JPEG")
@@ -115,3 +115,16 @@ def test_any_cut_or_corruption_of_a_container_keeps_what_it_can_and_names_the_re
             errors = [row["error_type"] for row in images if row["error_type"] is not None]
             assert errors in ([], ["unreadable_archive"]), errors
             assert len(images) - len(errors) == len(members) or errors == ["unreadable_archive"]
+
+
+def test_every_uri_in_the_tables_reads_back_its_bytes_whatever_hashes_the_names_hold(tmp_path: Path) -> None:
+    # "#" separates a container from its member in a uri, and paths and member names may hold one too
+    folder = tmp_path / "dir#x"
+    folder.mkdir()
+    (folder / "a#1.jpg").write_bytes(JPEG)
+    (folder / "t#1.tar").write_bytes(tar_of({"m#1.jpg": JPEG, "n.jpg": JPEG[:-1]}))
+    pq.write_table(pa.table({"image": [JPEG[:-2]]}), folder / "p#1.parquet")
+    images = [row for shard in _read(tmp_path) for row in shard]
+    assert len(images) == 4
+    for row in images:
+        assert read_image_bytes(row["uri"]) == row["data"], row["uri"]
