@@ -61,7 +61,7 @@ def load_labelled(uri: str, *, with_labels: bool) -> LabelledData:
     paths = [f"{root}/{image['file_name']}" for image in coco["images"]]
     if with_labels:
         paths += [f"{root}/labels/{_stem(image['file_name'])}.png" for image in coco["images"]]
-    contents = fs.cat(paths)
+    contents = dict(zip(paths, fs.cat_ranges(paths, None, None, on_error="raise")))  # cat would read "[1].jpg" as a glob
     annotations: dict[int, list[dict]] = {}
     for annotation in coco["annotations"]:
         annotations.setdefault(annotation["image_id"], []).append(annotation)

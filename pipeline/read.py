@@ -110,10 +110,10 @@ def _read_files(shard: Shard) -> list[dict]:
 
     def fetch_the_rest() -> None:
         remaining = [path for path in paths if path not in contents]
-        fetched = fs.cat(remaining, on_error="return")
+        # cat_ranges, not cat: cat takes "[r].jpg" for a glob pattern and reads "r.jpg"
+        fetched = fs.cat_ranges(remaining, None, None, on_error="return")
         failures = []
-        for path in remaining:
-            data = fetched.get(path, FileNotFoundError(path))
+        for path, data in zip(remaining, fetched):
             if isinstance(data, BaseException) and is_transient(data):
                 failures.append(data)
             else:

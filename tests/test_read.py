@@ -128,3 +128,12 @@ def test_every_uri_in_the_tables_reads_back_its_bytes_whatever_hashes_the_names_
     assert len(images) == 4
     for row in images:
         assert read_image_bytes(row["uri"]) == row["data"], row["uri"]
+
+
+def test_files_named_like_glob_patterns_are_read_as_named(tmp_path: Path) -> None:
+    # fsspec's cat takes "[r].jpg" for a pattern matching "r.jpg"; the read stage reads each file by its own name
+    named = {"[r].jpg": JPEG, "r.jpg": JPEG[:-1], "s*t.jpg": JPEG[:-2], "st.jpg": JPEG[:-3], "b?.jpg": JPEG[:-4]}
+    for name, data in named.items():
+        (tmp_path / name).write_bytes(data)
+    images = [row for shard in _read(tmp_path) for row in shard]
+    assert {row["uri"].rsplit("/", 1)[1]: row["data"] for row in images} == named
