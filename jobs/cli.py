@@ -130,13 +130,17 @@ def _validate(values: dict[str, object], config_type: type[Config]) -> Config:
 
 
 def _describe(problem: dict, config_type: type[pydantic.BaseModel]) -> str:
-    name = str(problem["loc"][0]) if problem["loc"] else "spec"
+    # a ValueError raised by a validator: its own message, without pydantic's "Value error, " before it
+    message = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
+    if not problem["loc"]:  # a check across settings names them in its message
+        return message
+    name = str(problem["loc"][0])
     flag = "--" + name.replace("_", "-")
     if problem["type"] == "missing":
         return f"{flag} is required"
     if problem["type"] == "extra_forbidden":
         return f"unknown setting {name!r} (valid: {', '.join(config_type.model_fields)})"
-    return f"{flag}: {problem['msg']}"
+    return f"{flag}: {message}"
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ import datetime as dt
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 MODEL_FIELDS = ("model", "weights", "score_threshold", "batch_size", "precision", "pad_to_multiple", "compile")
 """What a ``models`` entry of a job spec may set; the rest is shared by all its runs."""
@@ -102,6 +102,13 @@ class RunConfig(BaseModel):
         "model, weights and preprocessing (same URI, size and ETag/mtime)",
     )
     force: bool = Field(False, description="redo a run that is already committed, every shard of it")
+
+    @field_validator("output")
+    @classmethod
+    def _output_is_no_pattern(cls, output: str) -> str:
+        if any(character in output for character in "*?[]"):
+            raise ValueError(f"{output!r} holds *, ? or [ ], which fsspec and DuckDB would read as patterns when they list and query the tables")
+        return output
 
     @model_validator(mode="after")
     def _gpus_need_a_gpu_device(self) -> RunConfig:

@@ -88,6 +88,7 @@ def test_run_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> Non
          "--run-date"),
         (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "fcn_resnet50", "--gpus", "4", "--device", "cpu"],
          "gpus asks the cluster for GPUs, but device is cpu"),
+        (["--input", "{tmp}/in", "--output", "{tmp}/out[1]", "--model", "fcn_resnet50"], "holds *, ? or [ ]"),
         (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "lraspp_mobilenet_v3_large", "--weights", "random"],
          "no images"),
         (["--input", "{tmp}/in", "--output", "{tmp}/out", "--model", "lraspp_mobilenet_v3_large", "--weights", "random",
