@@ -150,21 +150,35 @@ def _tar_members(file, size: int) -> Iterator[tuple[str, bytes | None, tuple[str
 
 def _parquet_members(file, image_column: str) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
     parquet = pq.ParquetFile(file)
-    names = parquet.schema_arrow.names
-    if image_column not in names:
-        error = ("missing_image_column", f"no column {image_column!r} (columns: {', '.join(names)}); see --image-column")
+    schema = parquet.schema_arrow
+    problem = _image_column_problem(schema, image_column)
+    if problem is not None:
+        columns = ", ".join(f"{field.name}: {field.type}" for field in schema)
+        error = ("missing_image_column", f"{problem} (columns: {columns}); see --image-column")
         for row in range(parquet.metadata.num_rows):
             yield str(row), None, error
         return
+    in_struct = pa.types.is_struct(schema.field(image_column).type)
     row = 0
     for record_batch in parquet.iter_batches(batch_size=_PARQUET_READ_ROWS, columns=[image_column]):
-        column = record_batch.column(0)
-        if pa.types.is_struct(column.type):  # Hugging Face datasets' Image feature: struct<bytes, path>
-            column = column.field("bytes")
+        column = record_batch.column(0).field("bytes") if in_struct else record_batch.column(0)
         for value in column.to_pylist():
             error = None if value is not None else ("empty_file", f"row {row} has no image bytes (null)")
             yield str(row), value, error
             row += 1
+
+
+def _image_column_problem(schema: pa.Schema, image_column: str) -> str | None:
+    """Why ``image_column`` holds no image bytes, or ``None``: it must be binary, or a struct with a
+    binary ``bytes`` field (Hugging Face datasets' Image feature: ``struct<bytes, path>``)."""
+    if image_column not in schema.names:
+        return f"no column {image_column!r}"
+    column_type = schema.field(image_column).type
+    if pa.types.is_struct(column_type) and column_type.get_field_index("bytes") >= 0:
+        column_type = column_type.field("bytes").type
+    if not (pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type) or pa.types.is_binary_view(column_type)):
+        return f"column {image_column!r} holds {schema.field(image_column).type}, not image bytes"
+    return None
 
 
 def _row(uri: str, data: bytes | None, error: tuple[str, str] | None) -> dict:

@@ -137,3 +137,14 @@ def test_files_named_like_glob_patterns_are_read_as_named(tmp_path: Path) -> Non
         (tmp_path / name).write_bytes(data)
     images = [row for shard in _read(tmp_path) for row in shard]
     assert {row["uri"].rsplit("/", 1)[1]: row["data"] for row in images} == named
+
+
+def test_an_image_column_of_another_type_names_its_type_and_large_binary_is_read(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"image": ["photos/a.jpg", "photos/b.jpg"]}), tmp_path / "paths.parquet")
+    pq.write_table(pa.table({"image": pa.array([{"path": "a.jpg"}], pa.struct([("path", pa.string())]))}), tmp_path / "no-bytes.parquet")
+    pq.write_table(pa.table({"image": pa.array([JPEG], pa.large_binary())}), tmp_path / "large.parquet")
+    paths, no_bytes, large = (_read(tmp_path / name)[0] for name in ("paths.parquet", "no-bytes.parquet", "large.parquet"))
+    assert [row["error_type"] for row in paths] == ["missing_image_column"] * 2
+    assert "holds string, not image bytes" in paths[0]["error_message"] and "--image-column" in paths[0]["error_message"]
+    assert no_bytes[0]["error_type"] == "missing_image_column" and "holds struct<path: string>" in no_bytes[0]["error_message"]
+    assert large[0]["data"] == JPEG and large[0]["error_type"] is None
