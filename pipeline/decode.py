@@ -90,7 +90,7 @@ def plain_webp(data: bytes | memoryview, *, max_pixels: int) -> bool:
     WebP within the limits, lossy or lossless, with or without alpha (dropped, as Pillow drops
     it); libwebp gives Pillow's pixels for it. The rest goes to :func:`decode_image`."""
     data = memoryview(data).cast("B")
-    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or int.from_bytes(data[4:8], "little") + 8 != len(data):
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP" or _riff_length(data) != len(data):
         return False
     return _plain_header(data, image_format="WEBP", modes=("RGB", "RGBA"), max_pixels=max_pixels)
 
@@ -143,9 +143,14 @@ def _unreadable_header(data: bytes, error: Exception) -> DecodeError:
     short within it (Pillow's JPEG parser says so; a WebP's RIFF size says more bytes follow), or
     an invalid one."""
     claimed = _claimed_format(data) or "image"
-    if "truncated" in str(error).lower() or (claimed == "WEBP" and int.from_bytes(data[4:8], "little") + 8 > len(data)):
+    if "truncated" in str(error).lower() or (claimed == "WEBP" and _riff_length(data) > len(data)):
         return DecodeError("truncated_image", f"{claimed} data ends early: {error}")
     return DecodeError("decode_error", f"starts like a {claimed} file, but its header is invalid: {error}")
+
+
+def _riff_length(data: bytes | memoryview) -> int:
+    """The file length that a RIFF container's (a WebP's) header announces: its size field plus the 8 bytes before it."""
+    return int.from_bytes(data[4:8], "little") + 8
 
 
 def _claimed_format(data: bytes) -> str | None:
