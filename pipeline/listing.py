@@ -87,7 +87,7 @@ class ProcessedSources:
 class Listing:
     shards: list[Shard]
     ignored_files: int
-    """Files under the prefix that are neither images, tars nor Parquet, or are hidden (``.x``, ``_x``)."""
+    """Files under the prefix that are neither images, tars nor Parquet, or are hidden (``.x``, ``_x``, or in such a folder)."""
     skipped_files: int = 0
     """Images, tars and Parquet files left out because earlier runs processed them (``--incremental``)."""
     skipped_images: int = 0
@@ -113,7 +113,7 @@ def list_shards(
     for info in sorted(infos, key=lambda info: info["name"]):
         name = posixpath.basename(info["name"])
         source = Source(uri=fs.unstrip_protocol(info["name"]), size=int(info["size"]), version=_version(info))
-        if name.startswith((".", "_")):
+        if _hidden(info["name"], root):
             ignored += 1
         elif name.lower().endswith(".tar"):
             containers.append(("tar", source))
@@ -137,6 +137,14 @@ def list_shards(
     if limit is not None:
         shards = _limit(fs, shards, limit)
     return Listing(shards=shards, ignored_files=ignored, skipped_files=len(skipped), skipped_images=skipped_images)
+
+
+def _hidden(path: str, root: str) -> bool:
+    """Whether ``path`` (a file under ``root``, or ``root`` itself) is hidden: its name, or a folder's
+    between ``root`` and it, starts with "." or "_", as Hive, Spark and Arrow take them
+    (``_SUCCESS``, ``_temporary/``, ``.thumbnails/``). Folders above ``root`` do not count."""
+    below_root = path.removeprefix(root.rstrip("/") + "/") if path != root else posixpath.basename(path)
+    return any(part.startswith((".", "_")) for part in below_root.split("/"))
 
 
 def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[dict] | None:

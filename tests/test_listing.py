@@ -26,6 +26,9 @@ def archive(tmp_path: Path) -> Path:
     (tmp_path / "loose" / "notes.txt").write_text("not an image")
     (tmp_path / "loose" / ".hidden.jpg").write_bytes(jpeg)
     (tmp_path / "loose" / "_SUCCESS").write_text("")
+    for hidden_folder in ("loose/.thumbnails", "_temporary/0"):  # Hive's and Spark's hidden folders, at any depth
+        (tmp_path / hidden_folder).mkdir(parents=True)
+        (tmp_path / hidden_folder / "10.jpg").write_bytes(jpeg)
     (tmp_path / "loose" / "UPPER.JPEG").write_bytes(jpeg)
     with tarfile.open(tmp_path / "a.tar", "w") as tar:
         for name in ("k1.jpg", "k1.json", "k2.png", "k3.jpg"):
@@ -41,7 +44,7 @@ def test_shard_kinds_and_grouping(archive: Path) -> None:
     kinds = [shard.kind for shard in listing.shards]
     assert kinds == ["files", "files", "tar", "parquet"]
     assert [len(shard.sources) for shard in listing.shards] == [4, 2, 1, 1]
-    assert listing.ignored_files == 3  # notes.txt, .hidden.jpg, _SUCCESS
+    assert listing.ignored_files == 5  # notes.txt, .hidden.jpg, _SUCCESS and the images in .thumbnails/ and _temporary/0/
     uris = [source.uri for shard in listing.shards[:2] for source in shard.sources]
     assert uris == sorted(uris) and all(uri.startswith("file://") for uri in uris)
     assert any(uri.endswith("loose/UPPER.JPEG") for uri in uris)  # extensions match in any case
@@ -70,6 +73,14 @@ def test_limit_takes_the_first_images(archive: Path) -> None:
 def test_single_file_input(archive: Path) -> None:
     listing = list_shards(str(archive / "a.tar"), files_per_shard=4)
     assert [s.kind for s in listing.shards] == ["tar"]
+
+
+def test_only_folders_below_the_input_can_hide_it(archive: Path) -> None:
+    (archive / "loose").rename(archive / "_staging")
+    listing = list_shards(str(archive / "_staging"), files_per_shard=4)
+    assert [len(shard.sources) for shard in listing.shards] == [4, 2] and listing.ignored_files == 4
+    assert list_shards(str(archive / "_staging" / "00.jpg"), files_per_shard=4).ignored_files == 0
+    assert list_shards(str(archive / "_staging" / ".hidden.jpg"), files_per_shard=4).ignored_files == 1
 
 
 def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
