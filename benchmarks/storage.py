@@ -9,9 +9,10 @@ best of two each:
 
 - **listing**: per layout OBJECTSxPREFIXES[xSUBPREFIXES], that many one-byte ``.jpg`` objects
   spread over that many prefixes (and SUBPREFIXES under each, as months under years), listed
-  with fsspec's ``find`` as one listing and as segpipe lists an input
-  (:func:`pipeline.listing.files_under`), after checking that both found every object; a store
-  answers a listing 1,000 keys at a time, one request after another;
+  with fsspec's ``find`` as one listing, prefix by prefix (:func:`pipeline.listing.files_under`),
+  and as segpipe lists an input (the same, on :func:`pipeline.storage.listing_filesystem`'s
+  client), after checking that each found every object; a store answers a listing 1,000 keys
+  at a time, one request after another;
 - **reading**: a shard of ``--shard-files`` 1024x768 photo JPEGs read by segpipe's read stage
   (:func:`pipeline.read.read_shards`, which fetches a shard's files at once) with segpipe's
   S3 connections per client (:data:`pipeline.storage.S3_CONNECTIONS`) and with botocore's 10.
@@ -38,7 +39,7 @@ import s3fs
 from benchmarks.corpus import write_jpegs
 from pipeline.listing import files_under, list_shards
 from pipeline.read import read_shards
-from pipeline.storage import S3_CONNECTIONS
+from pipeline.storage import S3_CONNECTIONS, listing_filesystem
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -97,13 +98,14 @@ def measure_listing(endpoint: str, layouts: list[tuple[int, ...]], delays: list[
         roots[layout] = f"{bucket}/in"
     rows = []
     for delay in delays:
-        with delaying_proxy(endpoint, delay) as delayed:
+        with delaying_proxy(endpoint, delay) as delayed, _s3_clients(delayed, S3_CONNECTIONS):
             fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=delayed)
             for (objects, *prefixes), root in roots.items():
-                seconds = {"one_listing": float("inf"), "prefixes_apart": float("inf")}
+                seconds = {"one_listing": float("inf"), "prefixes_apart": float("inf"), "segpipe": float("inf")}
                 for _ in range(2):
                     for way, list_files in (("one_listing", lambda: fs.find(root, detail=True).values()),
-                                            ("prefixes_apart", lambda: files_under(fs, root))):  # fmt: skip
+                                            ("prefixes_apart", lambda: files_under(fs, root)),
+                                            ("segpipe", lambda: files_under(*listing_filesystem(f"s3://{root}")))):  # fmt: skip
                         fs.invalidate_cache()
                         started = time.perf_counter()
                         found = list(list_files())
@@ -193,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     for row in listing:
         print(f"{row['objects']} objects in {row['prefixes']} prefixes, {row['delay_ms']:.0f} ms per request: "
-              f"one listing {row['one_listing']:.2f} s, prefixes apart {row['prefixes_apart']:.2f} s")  # fmt: skip
+              f"one listing {row['one_listing']:.2f} s, prefixes apart {row['prefixes_apart']:.2f} s, "
+              f"as segpipe lists {row['segpipe']:.2f} s")  # fmt: skip
     for row in reading:
         print(f"a shard of {row['files']} photos, {row['delay_ms']:.0f} ms per request: read in "
               f"{row['segpipe_connections']:.2f} s with {S3_CONNECTIONS} connections, "

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import InputError
-from pipeline.storage import retrying
+from pipeline.storage import listing_filesystem, retrying
 
 PREFIXES_LISTED_APART = 64
 """The most prefixes under an input that are listed in threads of their own (see :func:`files_under`)."""
@@ -103,7 +103,7 @@ def list_shards(
 ) -> Listing:
     """All shards under ``input_uri`` in a stable order, less the ``processed`` sources; with
     ``limit``, just enough for N images."""
-    fs, root = fsspec.core.url_to_fs(input_uri)
+    fs, root = listing_filesystem(input_uri)
     infos = retrying(lambda: _find(fs, root), f"listing {input_uri}")
     if infos is None:
         raise InputError(f"input not found: {input_uri}")

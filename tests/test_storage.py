@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import fsspec
 import pytest
 import s3fs
 
@@ -81,3 +82,15 @@ def test_the_cli_reports_a_store_that_stays_down_in_one_line(monkeypatch, capsys
     assert error.startswith("segpipe: error: listing s3://archive/photos: object storage still failing after")
     assert retries and all("retrying in" in line for line in retries)
     assert "not-for-logs" not in error + "".join(retries)
+
+
+def test_the_listing_client_gives_the_same_infos_and_keeps_the_settings(s3, bucket: str, monkeypatch) -> None:
+    s3.pipe({f"{bucket}/in/a.jpg": b"a", f"{bucket}/in/b/c.jpg": b"bc"})
+    fs, path = storage.listing_filesystem(f"s3://{bucket}/in")
+    assert path == f"{bucket}/in" and fs is not s3
+    assert fs.find(path, detail=True) == s3.find(path, detail=True)  # LastModified: the same datetimes as botocore's
+    assert storage._iso_timestamp("Sat, 28 Nov 2026 04:54:08 GMT") == storage._iso_timestamp("2026-11-28T04:54:08.000Z")
+    monkeypatch.setitem(fsspec.config.conf, "s3", {**fsspec.config.conf.get("s3", {}), "key": "wrong", "secret": "wrong"})
+    fs, _ = storage.listing_filesystem(f"s3://{bucket}/in")  # fsspec's settings, credentials included, still apply
+    with pytest.raises(PermissionError):
+        fs.find(path)
