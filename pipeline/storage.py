@@ -124,7 +124,7 @@ def listing_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
     session = aiobotocore.session.AioSession(**fs.kwargs)
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_iso_timestamp)
-    return type(fs)(**fs.storage_options, session=session, skip_instance_cache=True), path
+    return type(fs)(**{**fs.storage_options, "session": session, "skip_instance_cache": True}), path
 
 
 def _iso_timestamp(value: str) -> datetime.datetime:
