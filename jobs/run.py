@@ -50,6 +50,9 @@ _SHARDS_PER_GPU = 4
 _GPU_POLL_SECONDS = 2.0
 _GPU_PROGRESS_SECONDS = 30.0
 _SECONDS_BEFORE_A_PACE = 1.0  # after the first shard: progress lines give no pace before it
+_PROGRESS_LINE_SECONDS = 10.0
+"""Without a terminal, the least time between two progress lines: a line per shard would be
+20,000 lines for a nightly run of 5 million images."""
 _RUN_ID_FIELDS = (
     "input", "output", "model", "run_date", "files_per_shard", "image_column", "score_threshold", "limit", "max_pixels",
     "incremental", "precision", "pad_to_multiple", "compile",
@@ -454,28 +457,36 @@ def _execute(
 
 def _with_progress(rows: Iterator[dict], shards: int, *, runs: int) -> Iterator[dict]:
     """``rows`` (one per shard and run); when stdout is no terminal (a log file, a scheduler),
-    one line per written row stands in for Ray Data's progress bars: once a second has passed
-    since the first, with the images/s since it (start-up left out; an image that several runs
-    share counts once) and the time left at that pace. Actors that started together write their
-    first shards together, so a pace over less time would count that burst as the rate."""
+    progress lines stand in for Ray Data's progress bars: for the first written row, the last,
+    and at most one every :data:`_PROGRESS_LINE_SECONDS` between them, each with the rows
+    written so far and their images (per run, where a job spec runs several models), and once
+    a second has passed since the first row, the images/s since it (start-up left out; an image
+    that several runs share counts once) and the time left at that pace. Actors that started
+    together write their first shards together, so a pace over less time would count that burst
+    as the rate."""
     total = shards * runs
     log_lines = not sys.stdout.isatty()
     started = time.monotonic()
     first_written_at: float | None = None
+    last_line_at = -math.inf
     images_since_first = 0.0
+    images = ok = 0
     for done, row in enumerate(rows, start=1):
+        images, ok = images + row["images"], ok + row["ok"]
         if log_lines:
             now = time.monotonic()
-            line = f"segpipe: shard {done}/{total} written ({row['images']} images, {row['ok']} ok) after {now - started:.0f} s"
             if first_written_at is None:
                 first_written_at = now
             else:
                 images_since_first += row["images"] / runs
-            if now - first_written_at >= _SECONDS_BEFORE_A_PACE:
-                seconds_per_shard = (now - first_written_at) / (done - 1)
-                line += (f"; {images_since_first / (now - first_written_at):.1f} images/s, "
-                         f"about {_duration(seconds_per_shard * (total - done))} left")  # fmt: skip
-            print(line, flush=True)
+            if done in (1, total) or now - last_line_at >= _PROGRESS_LINE_SECONDS:
+                last_line_at = now
+                line = f"segpipe: {done}/{total} shards written ({images} images, {ok} ok) after {now - started:.0f} s"
+                if now - first_written_at >= _SECONDS_BEFORE_A_PACE:
+                    seconds_per_shard = (now - first_written_at) / (done - 1)
+                    line += (f"; {images_since_first / (now - first_written_at):.1f} images/s, "
+                             f"about {_duration(seconds_per_shard * (total - done))} left")  # fmt: skip
+                print(line, flush=True)
         yield row
 
 

@@ -141,10 +141,10 @@ def test_segpipe_run_with_a_job_spec_prints_a_summary(tmp_path: Path) -> None:
         "WHERE run_date = DATE '2026-11-24' AND model = 'lraspp_mobilenet_v3_large'"
     ).fetchall()
     assert images == [(6,)]
-    # stdout is no terminal: a line per written shard, a second after the first with the pace and the time left
-    progress = [line for line in summary.splitlines() if line.startswith("segpipe: shard ")]
-    assert [line.split(" written")[0] for line in progress] == [f"segpipe: shard {done}/3" for done in (1, 2, 3)]
-    assert "images/s" not in progress[0]
+    # stdout is no terminal: progress lines for the first and the last shard (and every 10 s between), with the pace after the first
+    progress = [line for line in summary.splitlines() if re.match(r"segpipe: \d+/3 shards written", line)]
+    assert progress[0].startswith("segpipe: 1/3 shards written (2 images, 2 ok) after ") and "images/s" not in progress[0]
+    assert progress[-1].startswith("segpipe: 3/3 shards written (6 images, 6 ok) after ")
     assert all(re.search(r"\d+ ok\) after \d+ s(; [\d.]+ images/s, about \d+ s left)?$", line) for line in progress[1:])
     _check_query(tmp_path / "out", tmp_path)
 
@@ -172,28 +172,29 @@ def test_a_network_that_cannot_compile_stops_the_run_without_blaming_images(tmp_
 def test_progress_lines_count_an_image_that_several_models_share_once(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    clock = itertools.count()  # one second per look at the clock: the start, then one per written row
+    clock = itertools.count(step=10)  # ten seconds per look at the clock: the start, then one per written row
     monkeypatch.setattr(run_module, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
     rows = [{"images": 10, "ok": 10}] * 6  # two shards of ten images, each written by three models' runs
     assert list(run_module._with_progress(iter(rows), 2, runs=3)) == rows
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "segpipe: shard 1/6 written (10 images, 10 ok) after 1 s"
-    # a row a second, and each of a shard's three rows brings a third of its ten images
-    assert lines[1].endswith("after 2 s; 3.3 images/s, about 4 s left")
-    assert lines[5].endswith("after 6 s; 3.3 images/s, about 0 s left")
+    assert lines[0] == "segpipe: 1/6 shards written (10 images, 10 ok) after 10 s"
+    # a row every ten seconds, and each of a shard's three rows brings a third of its ten images
+    assert lines[1] == "segpipe: 2/6 shards written (20 images, 20 ok) after 20 s; 0.3 images/s, about 40 s left"
+    assert lines[5].endswith("after 60 s; 0.3 images/s, about 0 s left")
 
 
 def test_progress_lines_give_no_pace_for_shards_written_together_with_the_first(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # four actors write their first shards within milliseconds: a pace over that would be 100,000 images/s
-    clock = iter([0.0, 15.0, 15.001, 15.002, 16.0, 17.0])
+    clock = iter([0.0, 15.0, 15.001, 15.002, 25.0, 26.0])
     monkeypatch.setattr(run_module, "time", SimpleNamespace(monotonic=lambda: next(clock)))
     rows = [{"images": 64, "ok": 64}] * 5
     assert list(run_module._with_progress(iter(rows), 5, runs=1)) == rows
     lines = capsys.readouterr().out.splitlines()
-    assert ["images/s" in line for line in lines] == [False, False, False, True, True]
-    assert lines[3].endswith("after 16 s; 192.0 images/s, about 0 s left")  # the three shards since the first, in its second
+    assert [line.split(" shards")[0] for line in lines] == ["segpipe: 1/5", "segpipe: 4/5", "segpipe: 5/5"]  # a line per 10 s, and the last
+    assert lines[1].endswith("after 25 s; 19.2 images/s, about 3 s left")  # the three shards since the first, in its ten seconds
+    assert lines[2].endswith("after 26 s; 23.3 images/s, about 0 s left")
 
 
 def _check_query(output: Path, tmp_path: Path) -> None:
