@@ -143,8 +143,8 @@ def _hidden(path: str, root: str) -> bool:
     """Whether ``path`` (a file under ``root``, or ``root`` itself) is hidden: its name, or a folder's
     between ``root`` and it, starts with "." or "_", as Hive, Spark and Arrow take them
     (``_SUCCESS``, ``_temporary/``, ``.thumbnails/``). Folders above ``root`` do not count."""
-    below_root = path.removeprefix(root.rstrip("/") + "/") if path != root else posixpath.basename(path)
-    return any(part.startswith((".", "_")) for part in below_root.split("/"))
+    below_root = "/" + (path.removeprefix(root.rstrip("/") + "/") if path != root else posixpath.basename(path))
+    return "/." in below_root or "/_" in below_root
 
 
 def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[dict] | None:
