@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import InputError
-from pipeline.storage import listing_filesystem, retrying
+from pipeline.storage import is_transient, listing_filesystem, retrying
 
 PREFIXES_LISTED_APART = 64
 """The most prefixes under an input that are listed in threads of their own (see :func:`files_under`)."""
@@ -234,14 +234,29 @@ def _limit(fs: fsspec.AbstractFileSystem, shards: list[Shard], limit: int) -> li
 
 
 def _count_images(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
+    """About the rows that the read stage will give ``shard`` (a tar or Parquet file), from its
+    tar headers or Parquet footer, without reading images: a cut or damaged container's images
+    before the damage and its ``unreadable_archive`` row, one ``read_error`` row for a container
+    that cannot be opened. A damaged member header ends the count quietly (one row short), and a
+    Parquet file whose pages are damaged counts the rows its footer names."""
     path = fs._strip_protocol(shard.sources[0].uri)
 
     def count() -> int:
-        with fs.open(path, "rb") as file:
-            if shard.kind == "parquet":
-                return pq.ParquetFile(file).metadata.num_rows
-            with tarfile.open(fileobj=file, mode="r:") as tar:
-                return sum(1 for member in tar if member.isfile() and image_extension(member.name))
+        counted = 0
+        try:
+            with fs.open(path, "rb") as file:
+                if shard.kind == "parquet":
+                    return pq.ParquetFile(file).metadata.num_rows
+                with tarfile.open(fileobj=file, mode="r:") as tar:
+                    for member in tar:
+                        if member.offset_data + member.size > shard.sources[0].size:
+                            raise tarfile.ReadError("the archive is cut off within a member")
+                        counted += member.isfile() and image_extension(member.name) is not None
+            return counted
+        except Exception as error:  # noqa: BLE001 - whatever a damaged container makes its parser raise
+            if is_transient(error):
+                raise
+            return counted + 1
 
     return retrying(count, f"counting the images in {shard.sources[0].uri}")
 

@@ -70,6 +70,15 @@ def test_limit_takes_the_first_images(archive: Path) -> None:
     assert list_shards(str(archive), files_per_shard=4, limit=9).shards[2].max_images is None
 
 
+def test_limit_counts_a_damaged_container_as_the_rows_it_will_give(archive: Path) -> None:
+    tar = (archive / "a.tar").read_bytes()
+    (archive / "a.tar").write_bytes(tar[: len(tar) // 2])  # cut within k2.png: k1.jpg, then an unreadable_archive row
+    (archive / "b.parquet").write_bytes(b"PAR1 not a Parquet file PAR1")  # one unreadable_archive row
+    shards = list_shards(str(archive), files_per_shard=4, limit=9).shards
+    assert [(shard.kind, shard.max_images) for shard in shards] == [("files", None), ("files", None), ("tar", None), ("parquet", None)]
+    assert list_shards(str(archive), files_per_shard=4, limit=7).shards[2].max_images == 1
+
+
 def test_single_file_input(archive: Path) -> None:
     listing = list_shards(str(archive / "a.tar"), files_per_shard=4)
     assert [s.kind for s in listing.shards] == ["tar"]
