@@ -104,16 +104,16 @@ def list_shards(
     """All shards under ``input_uri`` in a stable order, less the ``processed`` sources; with
     ``limit``, just enough for N images."""
     fs, root = listing_filesystem(input_uri)
-    infos = retrying(lambda: _find(fs, root), f"listing {input_uri}")
-    if infos is None:
+    found = retrying(lambda: _find(fs, root), f"listing {input_uri}")
+    if found is None:
         raise InputError(f"input not found: {input_uri}")
+    root_uri = fs.unstrip_protocol(root)
     loose: list[Source] = []
     containers: list[tuple[ShardKind, Source]] = []
     ignored = 0
-    for info in sorted(infos, key=lambda info: info["name"]):
-        name = posixpath.basename(info["name"])
-        source = Source(uri=fs.unstrip_protocol(info["name"]), size=int(info["size"]), version=_version(info))
-        if _hidden(info["name"], root):
+    for source in sorted(found, key=lambda source: source.uri):
+        name = posixpath.basename(source.uri)
+        if _hidden(source.uri, root_uri):
             ignored += 1
         elif name.lower().endswith(".tar"):
             containers.append(("tar", source))
@@ -139,43 +139,47 @@ def list_shards(
     return Listing(shards=shards, ignored_files=ignored, skipped_files=len(skipped), skipped_images=skipped_images)
 
 
-def _hidden(path: str, root: str) -> bool:
-    """Whether ``path`` (a file under ``root``, or ``root`` itself) is hidden: its name, or a folder's
-    between ``root`` and it, starts with "." or "_", as Hive, Spark and Arrow take them
-    (``_SUCCESS``, ``_temporary/``, ``.thumbnails/``). Folders above ``root`` do not count."""
-    below_root = "/" + (path.removeprefix(root.rstrip("/") + "/") if path != root else posixpath.basename(path))
+def _hidden(uri: str, root_uri: str) -> bool:
+    """Whether ``uri`` (a file under ``root_uri``, or ``root_uri`` itself) is hidden: its name, or a
+    folder's between ``root_uri`` and it, starts with "." or "_", as Hive, Spark and Arrow take
+    them (``_SUCCESS``, ``_temporary/``, ``.thumbnails/``). Folders above ``root_uri`` do not count."""
+    below_root = "/" + (uri.removeprefix(root_uri.rstrip("/") + "/") if uri != root_uri else posixpath.basename(uri))
     return "/." in below_root or "/_" in below_root
 
 
-def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[dict] | None:
-    """The file infos under ``root`` (or of ``root`` itself, a file), or ``None`` if nothing is there.
+def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[Source] | None:
+    """The files under ``root`` (or ``root`` itself, a file), or ``None`` if nothing is there.
 
     Listing comes first: on object stores, asking about a prefix as if it were an object can be
     refused (403) to a job that may list the bucket but read only some of it."""
     try:
         found = files_under(fs, root)
-        if found and not (len(found) == 1 and found[0]["name"].rstrip("/") == root.rstrip("/")):
+        if found and not (len(found) == 1 and found[0].uri.rstrip("/") == fs.unstrip_protocol(root).rstrip("/")):
             return found
         info = fs.info(root)
     except FileNotFoundError:
         return None
     except PermissionError as error:
         raise InputError(f"not allowed to list {fs.unstrip_protocol(root)}: {error}") from None
-    return [info] if info.get("type") == "file" else None
+    return [_source(fs, info)] if info.get("type") == "file" else None
 
 
-def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
-    """The file infos under ``root``. An object store lists a prefix 1,000 keys per request, one
+def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[Source]:
+    """The files under ``root``. An object store lists a prefix 1,000 keys per request, one
     request after another, so ``root``'s prefixes (``2026/``, ``camera-7/``) are listed in
     threads of their own: where there are fewer than the threads, one level deeper (``2026/11/``)
     while that gives at most :data:`PREFIXES_LISTED_APART`. Where ``root`` itself holds more,
-    most would be listed in a request or two, so ``root`` is listed as one."""
+    most would be listed in a request or two, so ``root`` is listed as one. The file systems'
+    infos (a dict of about 1 KB per file) are made :class:`Source` records as each prefix (each
+    folder on disk) is listed, so that they are not all held at once."""
 
-    def files(infos: Iterable[dict]) -> list[dict]:
-        return [info for info in infos if info.get("type") != "directory"]
+    def sources(infos: Iterable[dict]) -> list[Source]:
+        return [_source(fs, info) for info in infos if info.get("type") != "directory"]
 
-    def tree(prefix: str) -> list[dict]:
-        return files(fs.find(prefix, detail=True, withdirs=False).values())
+    def tree(prefix: str) -> list[Source]:
+        if isinstance(fs, LocalFileSystem):
+            return [source for _, _, files in fs.walk(prefix, detail=True) for source in sources(files.values())]
+        return sources(fs.find(prefix, detail=True, withdirs=False).values())
 
     def level(prefix: str) -> list[dict]:
         fs.invalidate_cache(prefix)  # an earlier listing in this process may be cached, and stale
@@ -188,7 +192,7 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
     if isinstance(fs, LocalFileSystem):
         return tree(root)
     top = level(root)
-    found, prefixes = files(top), prefixes_in(top, root)
+    found, prefixes = sources(top), prefixes_in(top, root)
     if len(prefixes) > PREFIXES_LISTED_APART:
         return tree(root)
     with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
@@ -197,9 +201,13 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
             deeper = [prefix for parent, infos in zip(prefixes, levels) for prefix in prefixes_in(infos, parent)]
             if len(deeper) > PREFIXES_LISTED_APART:
                 break
-            found += [info for infos in levels for info in files(infos)]
+            found += [source for infos in levels for source in sources(infos)]
             prefixes = deeper
-        return found + [info for infos in pool.map(tree, prefixes) for info in infos]
+        return found + [source for sources_of_prefix in pool.map(tree, prefixes) for source in sources_of_prefix]
+
+
+def _source(fs: fsspec.AbstractFileSystem, info: dict) -> Source:
+    return Source(uri=fs.unstrip_protocol(info["name"]), size=int(info["size"]), version=_version(info))
 
 
 def _processed_keys(sources: list[Source], processed: ProcessedSources) -> tuple[set[str], int]:

@@ -124,7 +124,9 @@ def listing_filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 
     session = aiobotocore.session.AioSession(**fs.kwargs)
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=_iso_timestamp)
-    return type(fs)(**{**fs.storage_options, "session": session, "skip_instance_cache": True}), path
+    # use_listings_cache: s3fs would keep every key listed, as an info dict of about 1 KB, for as long as the client lives
+    options = {**fs.storage_options, "session": session, "skip_instance_cache": True, "use_listings_cache": False}
+    return type(fs)(**options), path
 
 
 def _iso_timestamp(value: str) -> datetime.datetime:
