@@ -18,10 +18,12 @@ import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import ray
@@ -34,7 +36,7 @@ from pipeline.config import RunConfig
 from pipeline.encode import encode_shards
 from pipeline.errors import InputError
 from pipeline.infer import SegmentShards
-from pipeline.listing import Listing, ProcessedSources, Shard, list_shards
+from pipeline.listing import Listing, ListingProgress, ProcessedSources, Shard, list_shards
 from pipeline.read import read_shards
 from pipeline.schema import TABLE_SCHEMAS
 from pipeline.storage import absolute_uri, display_uri
@@ -159,13 +161,39 @@ def _plan(run: _Run, listings: dict[tuple, Listing]) -> _Plan:
     if processed is None and key in listings:
         listing = listings[key]
     else:
-        listing = list_shards(config.input, files_per_shard=config.files_per_shard, limit=config.limit, processed=processed)
+        progress = ListingProgress()
+        with _progress_lines_while_listing(config.input, progress):
+            listing = list_shards(
+                config.input, files_per_shard=config.files_per_shard, limit=config.limit, processed=processed, progress=progress
+            )
         if processed is None:
             listings[key] = listing
     if not listing.shards and not listing.skipped_files:
         raise InputError(f"no images, .tar or .parquet files under {display_uri(config.input)}")
     written = {} if config.force else _written_shards(config, run_id, listing.shards)
     return _Plan(**vars(run), listing=listing, processed=processed, written=written, listing_seconds=time.monotonic() - started)
+
+
+@contextmanager
+def _progress_lines_while_listing(input_uri: str, progress: ListingProgress) -> Iterator[None]:
+    """Every :data:`_PROGRESS_LINE_SECONDS` while the block lists ``input_uri``, a line of how far
+    it has come: millions of objects take minutes to list."""
+    started = time.monotonic()
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(_PROGRESS_LINE_SECONDS):
+            prefixes = f" ({progress.prefixes_listed} of {progress.prefixes} prefixes done)" if progress.prefixes else ""
+            print(f"segpipe: listing {display_uri(input_uri)}: {progress.files} files so far{prefixes}, "
+                  f"after {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
+
+    reporter = threading.Thread(target=report, name="listing-progress", daemon=True)
+    reporter.start()
+    try:
+        yield
+    finally:
+        done.set()
+        reporter.join()
 
 
 def _run_together(plans: list[_Plan], ray_startup_seconds: float, gpus_asked_at: float | None) -> list[dict]:

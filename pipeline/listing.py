@@ -17,7 +17,7 @@ import json
 import posixpath
 import tarfile
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,18 +93,33 @@ class Listing:
     skipped_images: int = 0
 
 
+@dataclass
+class ListingProgress:
+    """How far a listing under way has come, for progress lines: files listed so far and, where
+    an object store's prefixes are listed apart, how many of them are done."""
+
+    files: int = 0
+    prefixes: int = 0
+    prefixes_listed: int = 0
+
+
 def image_extension(name: str) -> str | None:
     extension = posixpath.splitext(name)[1].lower()
     return extension if extension in IMAGE_EXTENSIONS else None
 
 
 def list_shards(
-    input_uri: str, *, files_per_shard: int, limit: int | None = None, processed: ProcessedSources | None = None
+    input_uri: str,
+    *,
+    files_per_shard: int,
+    limit: int | None = None,
+    processed: ProcessedSources | None = None,
+    progress: ListingProgress | None = None,
 ) -> Listing:
     """All shards under ``input_uri`` in a stable order, less the ``processed`` sources; with
-    ``limit``, just enough for N images."""
+    ``limit``, just enough for N images. ``progress`` is kept up to date as the files are listed."""
     fs, root = listing_filesystem(input_uri)
-    found = retrying(lambda: _find(fs, root), f"listing {input_uri}")
+    found = retrying(lambda: _find(fs, root, progress or ListingProgress()), f"listing {input_uri}")
     if found is None:
         raise InputError(f"input not found: {input_uri}")
     root_uri = fs.unstrip_protocol(root)
@@ -147,13 +162,13 @@ def _hidden(uri: str, root_uri: str) -> bool:
     return "/." in below_root or "/_" in below_root
 
 
-def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[Source] | None:
+def _find(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgress) -> list[Source] | None:
     """The files under ``root`` (or ``root`` itself, a file), or ``None`` if nothing is there.
 
     Listing comes first: on object stores, asking about a prefix as if it were an object can be
     refused (403) to a job that may list the bucket but read only some of it."""
     try:
-        found = files_under(fs, root)
+        found = files_under(fs, root, progress)
         if found and not (len(found) == 1 and found[0].uri.rstrip("/") == fs.unstrip_protocol(root).rstrip("/")):
             return found
         info = fs.info(root)
@@ -164,21 +179,21 @@ def _find(fs: fsspec.AbstractFileSystem, root: str) -> list[Source] | None:
     return [_source(fs, info)] if info.get("type") == "file" else None
 
 
-def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[Source]:
+def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgress | None = None) -> list[Source]:
     """The files under ``root``. An object store lists a prefix 1,000 keys per request, one
     request after another, so ``root``'s prefixes (``2026/``, ``camera-7/``) are listed in
     threads of their own: where there are fewer than the threads, one level deeper (``2026/11/``)
     while that gives at most :data:`PREFIXES_LISTED_APART`. Where ``root`` itself holds more,
     most would be listed in a request or two, so ``root`` is listed as one. The file systems'
     infos (a dict of about 1 KB per file) are made :class:`Source` records as each prefix (each
-    folder on disk) is listed, so that they are not all held at once."""
+    folder on disk) is listed, so that they are not all held at once; ``progress`` counts them."""
+    progress = progress or ListingProgress()
+    progress.files = progress.prefixes = progress.prefixes_listed = 0  # a retried listing starts over
 
     def sources(infos: Iterable[dict]) -> list[Source]:
         return [_source(fs, info) for info in infos if info.get("type") != "directory"]
 
     def tree(prefix: str) -> list[Source]:
-        if isinstance(fs, LocalFileSystem):
-            return [source for _, _, files in fs.walk(prefix, detail=True) for source in sources(files.values())]
         return sources(fs.find(prefix, detail=True, withdirs=False).values())
 
     def level(prefix: str) -> list[dict]:
@@ -189,21 +204,30 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str) -> list[Source]:
         names = [info["name"] for info in infos if info.get("type") == "directory"]
         return [name for name in names if name.rstrip("/") != parent.rstrip("/")]
 
+    def counted(listed: list[Source]) -> list[Source]:
+        progress.files += len(listed)
+        return listed
+
     if isinstance(fs, LocalFileSystem):
-        return tree(root)
+        return [source for _, _, files in fs.walk(root, detail=True) for source in counted(sources(files.values()))]
     top = level(root)
-    found, prefixes = sources(top), prefixes_in(top, root)
+    prefixes = prefixes_in(top, root)
     if len(prefixes) > PREFIXES_LISTED_APART:
-        return tree(root)
+        return counted(tree(root))
+    found = counted(sources(top))
     with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
         while 0 < len(prefixes) < _LISTING_THREADS:
             levels = list(pool.map(level, prefixes))
             deeper = [prefix for parent, infos in zip(prefixes, levels) for prefix in prefixes_in(infos, parent)]
             if len(deeper) > PREFIXES_LISTED_APART:
                 break
-            found += [source for infos in levels for source in sources(infos)]
+            found += [source for infos in levels for source in counted(sources(infos))]
             prefixes = deeper
-        return found + [source for sources_of_prefix in pool.map(tree, prefixes) for source in sources_of_prefix]
+        progress.prefixes = len(prefixes)
+        for listed in as_completed([pool.submit(tree, prefix) for prefix in prefixes]):
+            found += counted(listed.result())
+            progress.prefixes_listed += 1
+        return found
 
 
 def _source(fs: fsspec.AbstractFileSystem, info: dict) -> Source:

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +20,7 @@ import jobs.run as run_module
 from jobs.cli import main
 from jobs.sample import build_sample
 from pipeline.config import RunConfig
+from pipeline.listing import ListingProgress
 
 SEGPIPE = str(Path(sys.executable).with_name("segpipe"))
 
@@ -195,6 +197,19 @@ def test_progress_lines_give_no_pace_for_shards_written_together_with_the_first(
     assert [line.split(" shards")[0] for line in lines] == ["segpipe: 1/5", "segpipe: 4/5", "segpipe: 5/5"]  # a line per 10 s, and the last
     assert lines[1].endswith("after 25 s; 19.2 images/s, about 3 s left")  # the three shards since the first, in its ten seconds
     assert lines[2].endswith("after 26 s; 23.3 images/s, about 0 s left")
+
+
+def test_a_long_listing_prints_how_far_it_has_come(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(run_module, "_PROGRESS_LINE_SECONDS", 0.05)
+    progress = ListingProgress(files=120_000, prefixes=64, prefixes_listed=12)
+    with run_module._progress_lines_while_listing("s3://user:secret@archive/photos?X-Amz-Signature=abc", progress):
+        time.sleep(0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) >= 2 and re.fullmatch(
+        r"segpipe: listing s3://archive/photos: 120000 files so far \(12 of 64 prefixes done\), after \d+ s", lines[0]
+    )
+    time.sleep(0.2)
+    assert capsys.readouterr().out == ""  # no line once the listing is over
 
 
 def _check_query(output: Path, tmp_path: Path) -> None:

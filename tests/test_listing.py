@@ -14,7 +14,7 @@ import pytest
 from jobs.sample import encode, photos
 from pipeline.errors import InputError
 import pipeline.listing as listing_module
-from pipeline.listing import list_shards
+from pipeline.listing import ListingProgress, list_shards
 
 
 @pytest.fixture
@@ -122,3 +122,17 @@ def test_an_object_store_input_lists_as_the_same_tree_on_disk_does(archive: Path
     assert [shard.kind for shard in list_shards(f"s3://{bucket}/in/a.tar", files_per_shard=4).shards] == ["tar"]
     with pytest.raises(InputError, match="input not found"):
         list_shards(f"s3://{bucket}/nothing-here", files_per_shard=4)
+
+
+def test_a_listing_counts_its_files_and_prefixes_as_it_goes(archive: Path, s3, bucket: str) -> None:
+    for day in range(1, 17):
+        (archive / "days" / f"{day:02d}").mkdir(parents=True)
+        (archive / "days" / f"{day:02d}" / "e.jpg").write_bytes((archive / "loose" / "00.jpg").read_bytes())
+    s3.put(f"{archive}/", f"{bucket}/in", recursive=True)
+    files = sum(1 for path in archive.rglob("*") if path.is_file())
+    on_disk, in_store = ListingProgress(), ListingProgress()
+    list_shards(str(archive), files_per_shard=4, progress=on_disk)
+    list_shards(f"s3://{bucket}/in", files_per_shard=4, progress=in_store)
+    assert on_disk == ListingProgress(files=files)  # on disk, folder by folder
+    # three prefixes at the top, so the 18 a level down are listed apart: 16 days, loose/.thumbnails and _temporary/0
+    assert in_store == ListingProgress(files=files, prefixes=18, prefixes_listed=18)
