@@ -121,7 +121,8 @@ def list_shards(
     fs, root = listing_filesystem(input_uri)
     found = retrying(lambda: _find(fs, root, progress or ListingProgress()), f"listing {input_uri}")
     if found is None:
-        raise InputError(f"input not found: {input_uri}")
+        pattern = " (a folder, a prefix or one file: patterns such as * are not expanded)" if set("*?[") & set(input_uri) else ""
+        raise InputError(f"input not found: {input_uri}{pattern}")
     root_uri = fs.unstrip_protocol(root)
     loose: list[Source] = []
     containers: list[tuple[ShardKind, Source]] = []

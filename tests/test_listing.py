@@ -95,6 +95,9 @@ def test_only_folders_below_the_input_can_hide_it(archive: Path) -> None:
 def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="input not found"):
         list_shards(str(tmp_path / "nope"), files_per_shard=4)
+    (tmp_path / "a.jpg").write_bytes(b"")
+    with pytest.raises(InputError, match=r"input not found: .*/\*\.jpg \(a folder, a prefix or one file: patterns such as \* are not"):
+        list_shards(str(tmp_path / "*.jpg"), files_per_shard=4)
 
 
 def test_an_object_store_input_lists_as_the_same_tree_on_disk_does(archive: Path, s3, bucket: str, monkeypatch) -> None:
