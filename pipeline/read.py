@@ -2,7 +2,8 @@
 
 Bytes stay compressed: they, not decoded pixels, cross the object store to the model actors.
 Each image gets its ``uri`` (for a tar or Parquet member, ``CONTAINER_URI#MEMBER`` where MEMBER
-is the tar member name or the Parquet row index) and ``image_id``, a stable hash of that uri.
+is the tar member name, ``NAME#N`` for the Nth member of a name that repeats, or the Parquet
+row index) and ``image_id``, a stable hash of that uri.
 What cannot be read becomes an image row with an ``error_type`` instead of bytes: a missing or
 forbidden object (``read_error``), an unreadable archive (``unreadable_archive``), a Parquet
 file without the image column (``missing_image_column``) or a null cell (``empty_file``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 
 import fsspec
@@ -24,6 +26,8 @@ from pipeline.schema import ENCODED_IMAGE_SCHEMA, nest, rows_to_table, single_ar
 from pipeline.storage import is_transient, retrying
 
 _PARQUET_READ_ROWS = 64
+_Member = tuple[str, bytes | None, tuple[str, str] | None]
+"""A container's member: its name, its bytes or ``None``, and its ``(error_type, message)`` or ``None``."""
 
 
 def image_id(uri: str) -> str:
@@ -53,8 +57,8 @@ def read_image_bytes(uri: str, *, image_column: str = "image") -> bytes:
                 members = _tar_members(file, fs.size(path))
             else:
                 members = _parquet_members(file, image_column)
-            for name, data, _ in members:
-                if name == member and data is not None:
+            for key, data, _ in _keyed(members):
+                if key == member and data is not None:
                     return data
         raise FileNotFoundError(uri)
 
@@ -90,7 +94,7 @@ def _read_container(shard: Shard, image_column: str) -> list[dict]:
     with file:
         try:
             members = _tar_members(file, source.size) if shard.kind == "tar" else _parquet_members(file, image_column)
-            for member, data, error in members:
+            for member, data, error in _keyed(members):
                 if shard.max_images is not None and len(rows) >= shard.max_images:
                     break
                 rows.append(_row(f"{source.uri}#{member}", data, error))
@@ -132,7 +136,17 @@ def _read_files(shard: Shard) -> list[dict]:
     return rows
 
 
-def _tar_members(file, size: int) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
+def _keyed(members: Iterator[_Member]) -> Iterator[_Member]:
+    """``members`` with the key that their uris end with: the member's name, and for a later
+    member of the same name (``tar -r`` appends a new version under the old one) the name and
+    ``#N`` for its Nth occurrence, so that each image has a uri and an ``image_id`` of its own."""
+    seen: Counter[str] = Counter()
+    for name, data, error in members:
+        seen[name] += 1
+        yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), data, error
+
+
+def _tar_members(file, size: int) -> Iterator[_Member]:
     with tarfile.open(fileobj=file, mode="r|") as tar:
         for member in tar:
             if member.isfile() and image_extension(member.name):
@@ -148,7 +162,7 @@ def _tar_members(file, size: int) -> Iterator[tuple[str, bytes | None, tuple[str
             raise tarfile.ReadError(f"the member header at byte {end} is damaged: the members from there on cannot be read")
 
 
-def _parquet_members(file, image_column: str) -> Iterator[tuple[str, bytes | None, tuple[str, str] | None]]:
+def _parquet_members(file, image_column: str) -> Iterator[_Member]:
     parquet = pq.ParquetFile(file)
     schema = parquet.schema_arrow
     problem = _image_column_problem(schema, image_column)

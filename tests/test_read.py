@@ -130,6 +130,17 @@ def test_every_uri_in_the_tables_reads_back_its_bytes_whatever_hashes_the_names_
         assert read_image_bytes(row["uri"]) == row["data"], row["uri"]
 
 
+def test_members_of_a_tar_that_share_a_name_each_get_a_uri_and_an_image_id(tmp_path: Path) -> None:
+    # tar -r appends a new version of a file under the same name; both are in the archive
+    first, second = tar_of({"a.jpg": JPEG}), tar_of({"a.jpg": JPEG[:-1], "b.jpg": JPEG[:-2]})
+    member_end = 512 + -(-len(JPEG) // 512) * 512  # its header, then its data padded to blocks of 512
+    (tmp_path / "t.tar").write_bytes(first[:member_end] + second)  # the first tar without its end-of-archive blocks
+    [images] = _read(tmp_path)
+    assert [row["uri"].rsplit("/", 1)[1] for row in images] == ["t.tar#a.jpg", "t.tar#a.jpg#2", "t.tar#b.jpg"]
+    assert len({row["image_id"] for row in images}) == 3 and all(row["error_type"] is None for row in images)
+    assert [read_image_bytes(row["uri"]) for row in images] == [JPEG, JPEG[:-1], JPEG[:-2]]
+
+
 def test_files_named_like_glob_patterns_are_read_as_named(tmp_path: Path) -> None:
     # fsspec's cat takes "[r].jpg" for a pattern matching "r.jpg"; the read stage reads each file by its own name
     named = {"[r].jpg": JPEG, "r.jpg": JPEG[:-1], "s*t.jpg": JPEG[:-2], "st.jpg": JPEG[:-3], "b?.jpg": JPEG[:-4]}
