@@ -61,26 +61,29 @@ def select_run(output: str, *, run_date: str | None, model: str | None) -> dict:
 
 def render_report(output: str, manifest: dict) -> str:
     connection = connect(output)
-    run_id = manifest["run_id"]
+    run_id, config = manifest["run_id"], manifest["config"]
+    model = config["model"].replace("'", "''")
+    # the run's partition as constants: DuckDB then opens no file of another night's or model's partition
+    in_run = f"run_date = DATE '{config['run_date']}' AND model = '{model}' AND run_id = ?"
 
     def rows(sql: str, *parameters: object) -> list[tuple]:
         return connection.execute(sql, [run_id, *parameters]).fetchall()
 
     classes = rows(
         "SELECT class_id, label, sum(pixel_count) AS pixels, sum(coalesce(instance_count, 0)) AS instances "
-        "FROM class_stats WHERE run_id = ? GROUP BY class_id, label ORDER BY pixels DESC"
+        f"FROM class_stats WHERE {in_run} GROUP BY class_id, label ORDER BY pixels DESC"
     )
-    ((total_pixels,),) = rows("SELECT coalesce(sum(width::BIGINT * height), 0) FROM images WHERE run_id = ? AND status = 'ok'")
-    samples = rows(f"SELECT image_id, uri, n_masks FROM images WHERE run_id = ? AND status = 'ok' "
+    ((total_pixels,),) = rows(f"SELECT coalesce(sum(width::BIGINT * height), 0) FROM images WHERE {in_run} AND status = 'ok'")
+    samples = rows(f"SELECT image_id, uri, n_masks FROM images WHERE {in_run} AND status = 'ok' "
                    f"ORDER BY n_masks > 0 DESC, image_id LIMIT {SAMPLES}")  # fmt: skip
     mask_columns = ["image_id", "kind", "class_id", "label", "score", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "height", "width", "mask_rle"]
     masks = [
         dict(zip(mask_columns, row))
-        for row in rows(f"SELECT {', '.join(mask_columns)} FROM masks WHERE run_id = ? AND image_id IN (SELECT unnest(?::VARCHAR[]))",
+        for row in rows(f"SELECT {', '.join(mask_columns)} FROM masks WHERE {in_run} AND image_id IN (SELECT unnest(?::VARCHAR[]))",
                         [image_id for image_id, _, _ in samples])  # fmt: skip
     ]
-    ((failed_count,),) = rows("SELECT count(*) FROM images WHERE run_id = ? AND status = 'error'")
-    failed = rows(f"SELECT uri, error_type, error_message FROM images WHERE run_id = ? AND status = 'error' "
+    ((failed_count,),) = rows(f"SELECT count(*) FROM images WHERE {in_run} AND status = 'error'")
+    failed = rows(f"SELECT uri, error_type, error_message FROM images WHERE {in_run} AND status = 'error' "
                   f"ORDER BY error_type, uri LIMIT {FAILED_SHOWN}")  # fmt: skip
     by_image: dict[str, list[dict]] = {}
     for row in masks:

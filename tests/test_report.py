@@ -130,3 +130,14 @@ def test_a_run_that_does_not_exist_is_one_line(shapes_run: Path, tmp_path: Path,
     assert main(["report", str(shapes_run), "--model", "deeplabv3_resnet50", "--out", str(tmp_path / "r.html")]) == 2
     error = capsys.readouterr().err
     assert error.startswith("segpipe: error: no committed run matches") and "2026-11-24 unet" in error
+
+
+def test_a_report_opens_only_its_run_s_partition(shapes_run: Path, tmp_path: Path) -> None:
+    # after many nights, reading every file's footer to find one run's rows would take the most time
+    output = tmp_path / "out"
+    shutil.copytree(shapes_run, output)
+    for table in ("images", "masks", "class_stats"):
+        night = output / table / "run_date=2099-01-01" / "model=unet"
+        night.mkdir(parents=True)
+        (night / "part-0000000000000000.parquet").write_bytes(b"not a Parquet file: opening it fails")
+    assert main(["report", str(output), "--run-date", "2026-11-24", "--model", "unet", "--out", str(tmp_path / "r.html")]) == 0
