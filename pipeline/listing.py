@@ -108,6 +108,13 @@ def image_extension(name: str) -> str | None:
     return extension if extension in IMAGE_EXTENSIONS else None
 
 
+def image_member(member: tarfile.TarInfo) -> bool:
+    """Whether a tar member is an image to segment: a file with an image extension, not hidden.
+    A tar made on macOS holds an AppleDouble file (``._photo.jpg``, the attributes of
+    ``photo.jpg``) beside each image; as images they would each be a ``not_an_image`` row."""
+    return member.isfile() and image_extension(member.name) is not None and "/." not in "/" + member.name
+
+
 def list_shards(
     input_uri: str,
     *,
@@ -284,7 +291,7 @@ def _count_images(fs: fsspec.AbstractFileSystem, shard: Shard) -> int:
                     for member in tar:
                         if member.offset_data + member.size > shard.sources[0].size:
                             raise tarfile.ReadError("the archive is cut off within a member")
-                        counted += member.isfile() and image_extension(member.name) is not None
+                        counted += image_member(member)
             return counted
         except Exception as error:  # noqa: BLE001 - whatever a damaged container makes its parser raise
             if is_transient(error):

@@ -21,7 +21,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.listing import Shard, image_extension
+from pipeline.listing import Shard, image_member
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, nest, rows_to_table, single_array
 from pipeline.storage import is_transient, retrying
 
@@ -149,7 +149,7 @@ def _keyed(members: Iterator[_Member]) -> Iterator[_Member]:
 def _tar_members(file, size: int) -> Iterator[_Member]:
     with tarfile.open(fileobj=file, mode="r|") as tar:
         for member in tar:
-            if member.isfile() and image_extension(member.name):
+            if image_member(member):
                 yield member.name, tar.extractfile(member).read(), None
         end = tar.offset
     # tarfile ends quietly at a header it cannot read, cut off or damaged, as at the end of the archive,
