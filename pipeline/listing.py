@@ -33,7 +33,8 @@ from pipeline.storage import is_transient, listing_filesystem, retrying
 PREFIXES_LISTED_APART = 64
 """The most prefixes under an input that are listed in threads of their own (see :func:`files_under`)."""
 _LISTING_THREADS = 16
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+"""Windows saves JPEGs from browsers as ``.jfif``; what a file holds is decided by its bytes, not its name."""
 ShardKind = Literal["files", "tar", "parquet"]
 
 

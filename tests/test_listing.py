@@ -50,6 +50,13 @@ def test_shard_kinds_and_grouping(archive: Path) -> None:
     assert any(uri.endswith("loose/UPPER.JPEG") for uri in uris)  # extensions match in any case
 
 
+def test_jpegs_named_as_windows_and_old_cameras_name_them_are_images(tmp_path: Path) -> None:
+    for name in ("saved.jfif", "DSC0001.JPE"):  # Windows saves a JPEG from a browser as .jfif
+        (tmp_path / name).write_bytes(b"")
+    listing = list_shards(str(tmp_path), files_per_shard=4)
+    assert [len(shard.sources) for shard in listing.shards] == [2] and listing.ignored_files == 0
+
+
 def test_shard_ids_are_stable_and_follow_content(archive: Path) -> None:
     first = list_shards(str(archive), files_per_shard=4).shards
     again = list_shards(str(archive), files_per_shard=4).shards
