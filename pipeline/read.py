@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.listing import Shard, image_member
@@ -172,12 +173,17 @@ def _parquet_members(file, image_column: str) -> Iterator[_Member]:
         for row in range(parquet.metadata.num_rows):
             yield str(row), None, error
         return
-    in_struct = pa.types.is_struct(schema.field(image_column).type)
+    column_type = schema.field(image_column).type
+    with_path = pa.types.is_struct(column_type) and column_type.get_field_index("path") >= 0
     row = 0
     for record_batch in parquet.iter_batches(batch_size=_PARQUET_READ_ROWS, columns=[image_column]):
-        column = record_batch.column(0).field("bytes") if in_struct else record_batch.column(0)
-        for value in column.to_pylist():
-            error = None if value is not None else ("empty_file", f"row {row} has no image bytes (null)")
+        column = record_batch.column(0)  # struct_field, unlike StructArray.field, keeps a null struct null
+        values = (pc.struct_field(column, "bytes") if pa.types.is_struct(column_type) else column).to_pylist()
+        paths = pc.struct_field(column, "path").to_pylist() if with_path else [None] * len(values)
+        for value, path in zip(values, paths):
+            error = None
+            if value is None:  # Hugging Face datasets may keep an image's path instead of its bytes
+                error = ("empty_file", f"row {row} has no image bytes (null)" + (f"; its path: {path}" if path else ""))
             yield str(row), value, error
             row += 1
 

@@ -71,12 +71,16 @@ def test_a_tar_cut_short_keeps_the_images_before_the_cut_and_says_so(tmp_path: P
 
 def test_parquet_rows_plain_and_struct_columns(tmp_path: Path) -> None:
     pq.write_table(pa.table({"image": [JPEG, None]}), tmp_path / "a.parquet")
-    struct = pa.array([{"bytes": JPEG, "path": "x.jpg"}], type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    # Hugging Face datasets' Image feature: struct<bytes, path>, the bytes null where only the path was kept
+    hf_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    struct = pa.array([{"bytes": JPEG, "path": "x.jpg"}, {"bytes": None, "path": "y.jpg"}, None], hf_type)
     pq.write_table(pa.table({"img": struct}), tmp_path / "b.parquet")
     plain, hf_style = _read(tmp_path / "a.parquet")[0], _read(tmp_path / "b.parquet", image_column="img")[0]
     assert [row["uri"].rsplit("#", 1)[1] for row in plain] == ["0", "1"]
     assert plain[0]["data"] == JPEG and plain[1]["error_type"] == "empty_file"
-    assert hf_style[0]["data"] == JPEG
+    assert hf_style[0]["data"] == JPEG and [row["error_type"] for row in hf_style] == [None, "empty_file", "empty_file"]
+    assert hf_style[1]["error_message"] == "row 1 has no image bytes (null); its path: y.jpg"
+    assert hf_style[2]["error_message"] == "row 2 has no image bytes (null)"
 
 
 def test_parquet_without_the_image_column_names_the_columns(tmp_path: Path) -> None:
