@@ -183,9 +183,10 @@ def _progress_lines_while_listing(input_uri: str, progress: ListingProgress) -> 
 
     def report() -> None:
         while not done.wait(_PROGRESS_LINE_SECONDS):
-            prefixes = f" ({progress.prefixes_listed} of {progress.prefixes} prefixes done)" if progress.prefixes else ""
-            print(f"segpipe: listing {display_uri(input_uri)}: {progress.files} files so far{prefixes}, "
-                  f"after {time.monotonic() - started:.0f} s", flush=True)  # fmt: skip
+            so_far = f"{progress.files} files so far" if progress.files else "still listing"  # one listing counts at its end
+            if progress.prefixes:
+                so_far += f" ({progress.prefixes_listed} of {progress.prefixes} prefixes done)"
+            print(f"segpipe: listing {display_uri(input_uri)}: {so_far}, after {time.monotonic() - started:.0f} s", flush=True)
 
     reporter = threading.Thread(target=report, name="listing-progress", daemon=True)
     reporter.start()

@@ -210,6 +210,9 @@ def test_a_long_listing_prints_how_far_it_has_come(monkeypatch: pytest.MonkeyPat
     )
     time.sleep(0.2)
     assert capsys.readouterr().out == ""  # no line once the listing is over
+    with run_module._progress_lines_while_listing("s3://archive/photos", ListingProgress()):  # one listing: counted at its end
+        time.sleep(0.2)
+    assert capsys.readouterr().out.splitlines()[0].startswith("segpipe: listing s3://archive/photos: still listing, after ")
 
 
 def _check_query(output: Path, tmp_path: Path) -> None:
