@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import InputError
-from pipeline.storage import is_transient, listing_filesystem, retrying
+from pipeline.storage import display_uri, is_transient, listing_filesystem, retrying
 
 PREFIXES_LISTED_APART = 64
 """The most prefixes under an input that are listed in threads of their own (see :func:`files_under`)."""
@@ -130,7 +130,7 @@ def list_shards(
     found = retrying(lambda: _find(fs, root, progress or ListingProgress()), f"listing {input_uri}")
     if found is None:
         pattern = " (a folder, a prefix or one file: patterns such as * are not expanded)" if set("*?[") & set(input_uri) else ""
-        raise InputError(f"input not found: {input_uri}{pattern}")
+        raise InputError(f"input not found: {display_uri(input_uri)}{pattern}")
     root_uri = fs.unstrip_protocol(root)
     loose: list[Source] = []
     containers: list[tuple[ShardKind, Source]] = []
@@ -184,7 +184,7 @@ def _find(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgress) -
     except FileNotFoundError:
         return None
     except PermissionError as error:
-        raise InputError(f"not allowed to list {fs.unstrip_protocol(root)}: {error}") from None
+        raise InputError(f"not allowed to list {display_uri(fs.unstrip_protocol(root))}: {error}") from None
     return [_source(fs, info)] if info.get("type") == "file" else None
 
 
