@@ -37,7 +37,7 @@ from pipeline.encode import encode_shards
 from pipeline.errors import InputError
 from pipeline.infer import SegmentShards
 from pipeline.listing import Listing, ListingProgress, ProcessedSources, Shard, list_shards
-from pipeline.read import read_shards
+from pipeline.read import largest_image_bytes, read_shards
 from pipeline.schema import TABLE_SCHEMAS
 from pipeline.storage import absolute_uri, display_uri
 from pipeline.write import partition_path, remove_stale_shards, shard_file, shard_ids_written, write_shards, written_shard_summary
@@ -446,7 +446,7 @@ def _execute(
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=_IO_TASK_CPUS,
-            fn_kwargs={"image_column": config.image_column},
+            fn_kwargs={"image_column": config.image_column, "max_file_bytes": largest_image_bytes(config.max_pixels)},
         )
         .map_batches(
             SegmentShards,

@@ -36,11 +36,26 @@ def image_id(uri: str) -> str:
     return hashlib.blake2b(uri.encode(), digest_size=8).hexdigest()
 
 
-def read_shards(batch: pa.Table, *, image_column: str) -> pa.Table:
-    """Ray Data batch function: column ``shard`` (JSON descriptors) -> ``shard_id``, ``images``."""
+def read_shards(batch: pa.Table, *, image_column: str, max_file_bytes: int | None = None) -> pa.Table:
+    """Ray Data batch function: column ``shard`` (JSON descriptors) -> ``shard_id``, ``images``.
+    A file or tar member above ``max_file_bytes`` (:func:`largest_image_bytes`) is not read."""
     shards = [Shard.from_json(text) for text in batch.column("shard").to_pylist()]
-    images = [nest(rows_to_table(_read_shard(shard, image_column), ENCODED_IMAGE_SCHEMA)) for shard in shards]
+    images = [nest(rows_to_table(_read_shard(shard, image_column, max_file_bytes), ENCODED_IMAGE_SCHEMA)) for shard in shards]
     return pa.table({"shard_id": [shard.shard_id for shard in shards], "images": single_array(images)})
+
+
+def largest_image_bytes(max_pixels: int) -> int:
+    """The most bytes that a file of an image within ``max_pixels`` can take: uncompressed 16-bit
+    RGBA (8 bytes per pixel) and 16 MiB of metadata. A larger file (a video, a disk image, a
+    multi-page scan named like an image) is a ``file_too_large`` row, never read: reading it
+    whole could take more memory than the read task has, and fail the run."""
+    return max_pixels * 8 + 16 * 2**20
+
+
+def _too_large(size: int, max_file_bytes: int | None) -> tuple[str, str] | None:
+    if max_file_bytes is None or size <= max_file_bytes:
+        return None
+    return "file_too_large", f"{size} bytes, more than an image within --max-pixels can take ({max_file_bytes}); not read"
 
 
 def read_image_bytes(uri: str, *, image_column: str = "image") -> bytes:
@@ -75,13 +90,13 @@ def _container_and_member(uri: str) -> tuple[str, str]:
     return uri, ""
 
 
-def _read_shard(shard: Shard, image_column: str) -> list[dict]:
+def _read_shard(shard: Shard, image_column: str, max_file_bytes: int | None) -> list[dict]:
     if shard.kind == "files":
-        return _read_files(shard)
-    return retrying(lambda: _read_container(shard, image_column), f"reading {shard.sources[0].uri}")
+        return _read_files(shard, max_file_bytes)
+    return retrying(lambda: _read_container(shard, image_column, max_file_bytes), f"reading {shard.sources[0].uri}")
 
 
-def _read_container(shard: Shard, image_column: str) -> list[dict]:
+def _read_container(shard: Shard, image_column: str, max_file_bytes: int | None) -> list[dict]:
     """Rows of a tar or Parquet shard; a transient error is raised, so the whole container is read again."""
     source = shard.sources[0]
     fs, path = fsspec.core.url_to_fs(source.uri)
@@ -94,7 +109,10 @@ def _read_container(shard: Shard, image_column: str) -> list[dict]:
     rows: list[dict] = []
     with file:
         try:
-            members = _tar_members(file, source.size) if shard.kind == "tar" else _parquet_members(file, image_column)
+            if shard.kind == "tar":
+                members = _tar_members(file, source.size, max_file_bytes)
+            else:
+                members = _parquet_members(file, image_column)
             for member, data, error in _keyed(members):
                 if shard.max_images is not None and len(rows) >= shard.max_images:
                     break
@@ -107,14 +125,17 @@ def _read_container(shard: Shard, image_column: str) -> list[dict]:
     return rows
 
 
-def _read_files(shard: Shard) -> list[dict]:
+def _read_files(shard: Shard, max_file_bytes: int | None) -> list[dict]:
     """Rows of a shard of loose files, in listing order; files that failed transiently are fetched again."""
     fs, _ = fsspec.core.url_to_fs(shard.sources[0].uri)
     paths = {fsspec.core.url_to_fs(source.uri)[1]: source.uri for source in shard.sources}
+    refused = {path: error for path, source in zip(paths, shard.sources) if (error := _too_large(source.size, max_file_bytes))}
     contents: dict[str, bytes | BaseException] = {}
 
     def fetch_the_rest() -> None:
-        remaining = [path for path in paths if path not in contents]
+        remaining = [path for path in paths if path not in contents and path not in refused]
+        if not remaining:
+            return
         # cat_ranges, not cat: cat takes "[r].jpg" for a glob pattern and reads "r.jpg"
         fetched = fs.cat_ranges(remaining, None, None, on_error="return")
         failures = []
@@ -129,8 +150,10 @@ def _read_files(shard: Shard) -> list[dict]:
     retrying(fetch_the_rest, f"reading {len(paths)} files from {shard.sources[0].uri}")
     rows = []
     for path, uri in paths.items():
-        data = contents[path]
-        if isinstance(data, BaseException):
+        data = contents.get(path)
+        if path in refused:
+            rows.append(_row(uri, None, refused[path]))
+        elif isinstance(data, BaseException):
             rows.append(_row(uri, None, ("read_error", f"{type(data).__name__}: {data}")))
         else:
             rows.append(_row(uri, data, None))
@@ -147,11 +170,14 @@ def _keyed(members: Iterator[_Member]) -> Iterator[_Member]:
         yield (name if seen[name] == 1 else f"{name}#{seen[name]}"), data, error
 
 
-def _tar_members(file, size: int) -> Iterator[_Member]:
+def _tar_members(file, size: int, max_file_bytes: int | None = None) -> Iterator[_Member]:
     with tarfile.open(fileobj=file, mode="r|") as tar:
         for member in tar:
             if image_member(member):
-                yield member.name, tar.extractfile(member).read(), None
+                if (too_large := _too_large(member.size, max_file_bytes)) is not None:
+                    yield member.name, None, too_large  # the stream skips its data
+                else:
+                    yield member.name, tar.extractfile(member).read(), None
         end = tar.offset
     # tarfile ends quietly at a header it cannot read, cut off or damaged, as at the end of the archive,
     # which is zero blocks after the last member: anything else there holds members that were not read.

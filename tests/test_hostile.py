@@ -20,6 +20,7 @@ from PIL import Image
 from jobs.run import run
 from jobs.sample import awkward_images, encode, photos, tar_of, truncated_jpeg
 from pipeline.config import RunConfig
+from pipeline.read import largest_image_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -100,12 +101,14 @@ def test_every_file_of_the_hostile_corpus_gets_its_outcome_and_the_run_goes_on(t
     for name, (data, _) in corpus.items():
         (archive / name).write_bytes(data)
     (archive / "members.tar").write_bytes(tar_of({"good.jpg": encode(photos()["coffee"][::8, ::8], "JPEG"), "empty.jpg": b""}))
+    with open(archive / "a-video-named.jpg", "wb") as video:  # larger than any image within --max-pixels: not read
+        video.truncate(largest_image_bytes(RunConfig.model_fields["max_pixels"].default) + 1)  # sparse: costs no disk
     manifest = run(RunConfig(input=str(archive), output=str(tmp_path / "out"), model="lraspp_mobilenet_v3_large",
                              weights="random", files_per_shard=6, run_date=dt.date(2026, 11, 25), max_error_rate=1.0))  # fmt: skip
     rows = duckdb.sql(
         f"SELECT uri, status, error_type, error_message FROM read_parquet('{tmp_path}/out/images/**/*.parquet')"
     ).fetchall()
-    expected = expected_outcomes(corpus)
+    expected = expected_outcomes(corpus) | {"a-video-named.jpg": "file_too_large"}
     assert len(rows) == len(expected) == manifest["counts"]["images"]
     outcomes = {Path(uri).name: (error_type or status) for uri, status, error_type, _ in rows}
     assert outcomes == expected

@@ -11,7 +11,7 @@ import pytest
 
 from jobs.sample import damaged_copies, encode, photos, tar_of
 from pipeline.listing import list_shards
-from pipeline.read import image_id, read_image_bytes, read_shards
+from pipeline.read import image_id, largest_image_bytes, read_image_bytes, read_shards
 from pipeline.schema import ENCODED_IMAGE_SCHEMA, unnest
 
 JPEG = encode(photos()["chelsea"], "JPEG")
@@ -145,6 +145,21 @@ def test_members_of_a_tar_that_share_a_name_each_get_a_uri_and_an_image_id(tmp_p
     assert [row["uri"].rsplit("/", 1)[1] for row in images] == ["t.tar#a.jpg", "t.tar#a.jpg#2", "t.tar#b.jpg"]
     assert len({row["image_id"] for row in images}) == 3 and all(row["error_type"] is None for row in images)
     assert [read_image_bytes(row["uri"]) for row in images] == [JPEG, JPEG[:-1], JPEG[:-2]]
+
+
+def test_a_file_or_member_larger_than_an_image_within_max_pixels_can_be_is_not_read(tmp_path: Path) -> None:
+    # a video or a disk image named like a photo: read whole, it could take more memory than the read task has
+    limit = largest_image_bytes(1000)  # 8 bytes per pixel and 16 MiB of metadata
+    with open(tmp_path / "huge.tif", "wb") as huge:
+        huge.truncate(limit + 1)  # sparse: nothing to read, were it read
+    (tmp_path / "small.jpg").write_bytes(JPEG)
+    (tmp_path / "s.tar").write_bytes(tar_of({"big.jpg": bytes(limit + 1), "k1.jpg": JPEG}))
+    shards = list_shards(str(tmp_path), files_per_shard=4).shards
+    result = read_shards(pa.table({"shard": [shard.to_json() for shard in shards]}), image_column="image", max_file_bytes=limit)
+    rows = [row for cell in result.column("images") for row in unnest(cell, ENCODED_IMAGE_SCHEMA).to_pylist()]
+    outcome = {row["uri"].rsplit("/", 1)[1]: row["error_type"] or len(row["data"]) for row in rows}
+    assert outcome == {"huge.tif": "file_too_large", "small.jpg": len(JPEG), "s.tar#big.jpg": "file_too_large", "s.tar#k1.jpg": len(JPEG)}
+    assert rows[0]["error_message"] == f"{limit + 1} bytes, more than an image within --max-pixels can take ({limit}); not read"
 
 
 def test_files_named_like_glob_patterns_are_read_as_named(tmp_path: Path) -> None:
