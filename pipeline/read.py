@@ -6,7 +6,8 @@ is the tar member name, ``NAME#N`` for the Nth member of a name that repeats, or
 row index) and ``image_id``, a stable hash of that uri.
 What cannot be read becomes an image row with an ``error_type`` instead of bytes: a missing or
 forbidden object (``read_error``), an unreadable archive (``unreadable_archive``), a Parquet
-file without the image column (``missing_image_column``) or a null cell (``empty_file``).
+file without the image column (``missing_image_column``), a null cell (``empty_file``) or a
+file or tar member larger than any image within ``--max-pixels`` (``file_too_large``).
 Transient storage errors are retried (:func:`pipeline.storage.retrying`), never turned into rows.
 """
 
@@ -60,7 +61,8 @@ def _too_large(size: int, max_file_bytes: int | None) -> tuple[str, str] | None:
 
 def read_image_bytes(uri: str, *, image_column: str = "image") -> bytes:
     """The encoded bytes of one image by its ``images.uri``: a file, or ``CONTAINER#MEMBER`` of a
-    tar (member name) or Parquet file (row index). For looking at a few images, not for bulk reads."""
+    tar (member name, ``NAME#N`` for the Nth of a name) or Parquet file (row index). For looking
+    at a few images, not for bulk reads."""
     container, member = _container_and_member(uri)
     if not member:
         fs, path = fsspec.core.url_to_fs(uri)
