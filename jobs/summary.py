@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 from pipeline.storage import display_uri
+from pipeline.write import partition_path
 
 _TOP_LABELS = 8
 
@@ -20,11 +23,11 @@ def format_summary(manifest: dict) -> str:
         shown += f", ... {len(labels) - _TOP_LABELS} more labels"
     config = manifest["config"]
     output = display_uri(config["output"])
-    partition = f"run_date={config['run_date']}/model={config['model']}"
+    run_date = dt.date.fromisoformat(config["run_date"])
     # the run's partition only: a glob over the whole table lists every night's files first
     query = (
         f"SELECT label, count(*) AS masks, sum(area) AS pixels "
-        f"FROM read_parquet('{output}/masks/{partition}/*.parquet', hive_partitioning=true) "
+        f"FROM read_parquet('{partition_path(output, 'masks', run_date, config['model'])}/*.parquet', hive_partitioning=true) "
         f"WHERE run_id = '{manifest['run_id']}' GROUP BY label ORDER BY masks DESC"
     )
     lines = [
@@ -33,7 +36,7 @@ def format_summary(manifest: dict) -> str:
         f"  images      {counts['images']} in: {counts['ok']} ok, {failed}",
         f"  masks       {counts['masks']}" + (f": {shown}" if shown else ""),
         f"  throughput  {counts['images'] / seconds if seconds else 0.0:.2f} images/s",
-        f"  tables      {output}/{{images,masks,class_stats}}/{partition}/",
+        f"  tables      {partition_path(output, '{images,masks,class_stats}', run_date, config['model'])}/",
         f"  manifest    {display_uri(manifest['manifest_uri'])}",
         f"  try in DuckDB:  {query}",
         f"  report:         segpipe report {output} --run-date {config['run_date']} --model {config['model']} --out report.html",
