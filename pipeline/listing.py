@@ -127,7 +127,7 @@ def list_shards(
     """All shards under ``input_uri`` in a stable order, less the ``processed`` sources; with
     ``limit``, just enough for N images. ``progress`` is kept up to date as the files are listed."""
     fs, root = listing_filesystem(input_uri)
-    found = retrying(lambda: _find(fs, root, progress or ListingProgress()), f"listing {input_uri}")
+    found = retrying(lambda: _find(fs, root, progress), f"listing {input_uri}")
     if found is None:
         pattern = " (a folder, a prefix or one file: patterns such as * are not expanded)" if set("*?[") & set(input_uri) else ""
         raise InputError(f"input not found: {display_uri(input_uri)}{pattern}")
@@ -171,7 +171,7 @@ def _hidden(uri: str, root_uri: str) -> bool:
     return "/." in below_root or "/_" in below_root
 
 
-def _find(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgress) -> list[Source] | None:
+def _find(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgress | None) -> list[Source] | None:
     """The files under ``root`` (or ``root`` itself, a file), or ``None`` if nothing is there.
 
     Listing comes first: on object stores, asking about a prefix as if it were an object can be
