@@ -1,18 +1,19 @@
 """An object store behind a round trip per request: listing an input, and reading a shard of loose files.
 
-``python -m benchmarks.storage [--endpoint URL] [--layouts 20000x40,36000x3x12] [--shard-files 256]
+``python -m benchmarks.storage [--endpoint URL] [--layouts 20000x40,36000x3x12,20000x1,20000x1:hashed] [--shard-files 256]
 [--delays 0,0.025,0.1] [--json]``
 puts a TCP proxy in front of the S3 endpoint that holds every request DELAY seconds, the round
 trip that a store on loopback lacks (credentials from the AWS_* variables; without
 ``--endpoint``, a SeaweedFS server of its own, started as the tests start one), and measures,
 best of two each:
 
-- **listing**: per layout OBJECTSxPREFIXES[xSUBPREFIXES], that many one-byte ``.jpg`` objects
-  spread over that many prefixes (and SUBPREFIXES under each, as months under years), listed
+- **listing**: per layout OBJECTSxPREFIXES[xSUBPREFIXES][:hashed], that many one-byte ``.jpg``
+  objects spread over that many prefixes (and SUBPREFIXES under each, as months under years),
+  named by number (``00001234.jpg``) or, with ``:hashed``, by a hash of it, listed
   with fsspec's ``find`` as one listing, prefix by prefix (:func:`pipeline.listing.files_under`),
   and as segpipe lists an input (the same, on :func:`pipeline.storage.listing_filesystem`'s
   client), after checking that each found every object; a store answers a listing 1,000 keys
-  at a time, one request after another;
+  at a time, one request after another, and segpipe lists a prefix of many pages in key ranges at once;
 - **reading**: a shard of ``--shard-files`` 1024x768 photo JPEGs read by segpipe's read stage
   (:func:`pipeline.read.read_shards`, which fetches a shard's files at once) with segpipe's
   S3 connections per client (:data:`pipeline.storage.S3_CONNECTIONS`) and with botocore's 10.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import multiprocessing
 import os
@@ -85,22 +87,29 @@ def delaying_proxy(endpoint: str, delay: float) -> Iterator[str]:
         process.join()
 
 
-def measure_listing(endpoint: str, layouts: list[tuple[int, ...]], delays: list[float]) -> list[dict]:
-    """Seconds to list each layout (objects, prefixes[, subprefixes]) at each delay, as one listing and prefix by prefix."""
+def measure_listing(endpoint: str, layouts: list[str], delays: list[float]) -> list[dict]:
+    """Seconds to list each layout (``OBJECTSxPREFIXES[xSUBPREFIXES][:hashed]``) at each delay, as one listing and prefix by prefix."""
     writer = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=endpoint)
     roots = {}
     for layout in layouts:
-        objects, prefixes, subprefixes = (*layout, 1)[:3]
+        counts, _, names = layout.partition(":")
+        objects, prefixes, subprefixes = (*map(int, counts.split("x")), 1)[:3]
         bucket = f"listing-{uuid.uuid4().hex[:12]}"
         writer.mkdir(bucket)
-        keys = [f"p{index % prefixes:04d}/s{index // prefixes % subprefixes:04d}/{index:08d}.jpg" for index in range(objects)]
+
+        def name(index: int) -> str:
+            return hashlib.blake2b(str(index).encode(), digest_size=8).hexdigest() if names == "hashed" else f"{index:08d}"
+
+        keys = [f"p{index % prefixes:04d}/s{index // prefixes % subprefixes:04d}/{name(index)}.jpg" for index in range(objects)]
         writer.pipe({f"{bucket}/in/{key}": b"x" for key in keys}, batch_size=256)
         roots[layout] = f"{bucket}/in"
     rows = []
     for delay in delays:
         with delaying_proxy(endpoint, delay) as delayed, _s3_clients(delayed, S3_CONNECTIONS):
             fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=delayed)
-            for (objects, *prefixes), root in roots.items():
+            for layout, root in roots.items():
+                counts, _, names = layout.partition(":")
+                objects, *prefixes = map(int, counts.split("x"))
                 seconds = {"one_listing": float("inf"), "prefixes_apart": float("inf"), "segpipe": float("inf")}
                 for _ in range(2):
                     for way, list_files in (("one_listing", lambda: fs.find(root, detail=True).values()),
@@ -111,7 +120,8 @@ def measure_listing(endpoint: str, layouts: list[tuple[int, ...]], delays: list[
                         found = list(list_files())
                         seconds[way] = min(seconds[way], time.perf_counter() - started)
                         assert len(found) == objects, (way, len(found), objects)
-                rows.append({"objects": objects, "prefixes": "x".join(map(str, prefixes)), "delay_ms": delay * 1000, **seconds})
+                rows.append({"objects": objects, "prefixes": "x".join(map(str, prefixes)), "names": names or "numbered",
+                             "delay_ms": delay * 1000, **seconds})  # fmt: skip
     for root in roots.values():
         writer.rm(root.split("/")[0], recursive=True)
     return rows
@@ -181,12 +191,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.storage", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--endpoint", help="an S3 endpoint (default: a SeaweedFS server of its own)")
-    parser.add_argument("--layouts", default="20000x40,36000x3x12", help="OBJECTSxPREFIXES[xSUBPREFIXES], comma-separated")
+    parser.add_argument("--layouts", default="20000x40,36000x3x12,20000x1,20000x1:hashed",
+                        help="OBJECTSxPREFIXES[xSUBPREFIXES][:hashed], comma-separated")
     parser.add_argument("--shard-files", type=int, default=256, help="files in the shard read (default 256, segpipe's)")
     parser.add_argument("--delays", default="0,0.025,0.1", help="seconds added to each request, comma-separated")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    layouts = [tuple(int(part) for part in layout.split("x")) for layout in args.layouts.split(",")]
+    layouts = args.layouts.split(",")
     delays = [float(delay) for delay in args.delays.split(",")]
     with _own_server() if args.endpoint is None else nullcontext(args.endpoint) as endpoint:
         listing, reading = measure_listing(endpoint, layouts, delays), measure_reading(endpoint, args.shard_files, delays)
@@ -194,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"listing": listing, "reading": reading}))
         return
     for row in listing:
-        print(f"{row['objects']} objects in {row['prefixes']} prefixes, {row['delay_ms']:.0f} ms per request: "
+        print(f"{row['objects']} objects in {row['prefixes']} prefixes ({row['names']} names), {row['delay_ms']:.0f} ms per request: "
               f"one listing {row['one_listing']:.2f} s, prefixes apart {row['prefixes_apart']:.2f} s, "
               f"as segpipe lists {row['segpipe']:.2f} s")  # fmt: skip
     for row in reading:

@@ -12,12 +12,14 @@ the loose files are grouped.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import posixpath
 import tarfile
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,6 +35,9 @@ from pipeline.storage import display_uri, is_transient, listing_filesystem, retr
 PREFIXES_LISTED_APART = 64
 """The most prefixes under an input that are listed in threads of their own (see :func:`files_under`)."""
 _LISTING_THREADS = 16
+_PAGE_KEYS = 1000
+"""Keys per S3 listing request: the most that S3 gives."""
+_PAGES_SPLIT_OFF = 8
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 """Windows saves JPEGs from browsers as ``.jfif``; what a file holds is decided by its bytes, not its name."""
 ShardKind = Literal["files", "tar", "parquet"]
@@ -193,50 +198,149 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgr
     request after another, so ``root``'s prefixes (``2026/``, ``camera-7/``) are listed in
     threads of their own: where there are fewer than the threads, one level deeper (``2026/11/``)
     while that gives at most :data:`PREFIXES_LISTED_APART`. Where ``root`` itself holds more,
-    most would be listed in a request or two, so ``root`` is listed as one. The file systems'
-    infos (a dict of about 1 KB per file) are made :class:`Source` records as each prefix (each
-    folder on disk) is listed, so that they are not all held at once; ``progress`` counts them."""
+    most would be listed in a request or two, so ``root`` is listed as one. On S3, a level of
+    many pages (``images/<uuid>.jpg``) is listed in key ranges at once (:func:`_s3_level`). The
+    file systems' infos (a dict of about 1 KB per file) are made :class:`Source` records as each
+    prefix (each folder on disk) is listed, so that they are not all held at once; ``progress``
+    counts them."""
     progress = progress or ListingProgress()
     progress.files = progress.prefixes = progress.prefixes_listed = 0  # a retried listing starts over
 
     def sources(infos: Iterable[dict]) -> list[Source]:
         return [_source(fs, info) for info in infos if info.get("type") != "directory"]
 
+    counting = threading.Lock()  # levels are listed in threads at once
+
+    def counted(listed: list[Source]) -> list[Source]:
+        with counting:
+            progress.files += len(listed)
+        return listed
+
     def tree(prefix: str) -> list[Source]:
         return sources(fs.find(prefix, detail=True, withdirs=False).values())
 
-    def level(prefix: str) -> list[dict]:
+    def level(prefix: str) -> tuple[list[Source], list[str]]:
+        """The files directly under ``prefix``, counted, and the prefixes below it."""
+        if "s3" in fs.protocol and hasattr(fs, "call_s3") and not getattr(fs, "version_aware", False):
+            return _s3_level(fs, prefix, counted)
         fs.invalidate_cache(prefix)  # an earlier listing in this process may be cached, and stale
-        return fs.ls(prefix, detail=True)
-
-    def prefixes_in(infos: Iterable[dict], parent: str) -> list[str]:  # a store may list a prefix's marker in it
+        infos = fs.ls(prefix, detail=True)
         names = [info["name"] for info in infos if info.get("type") == "directory"]
-        return [name for name in names if name.rstrip("/") != parent.rstrip("/")]
-
-    def counted(listed: list[Source]) -> list[Source]:
-        progress.files += len(listed)
-        return listed
+        # a store may list a prefix's marker in it
+        return counted(sources(infos)), [name for name in names if name.rstrip("/") != prefix.rstrip("/")]
 
     if isinstance(fs, LocalFileSystem):
         return [source for _, _, files in fs.walk(root, detail=True) for source in counted(sources(files.values()))]
-    top = level(root)
-    prefixes = prefixes_in(top, root)
+    found, prefixes = level(root)
     if len(prefixes) > PREFIXES_LISTED_APART:
+        progress.files = 0  # the top level's files are listed again, with the rest
         return counted(tree(root))
-    found = counted(sources(top))
     with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
         while 0 < len(prefixes) < _LISTING_THREADS:
             levels = list(pool.map(level, prefixes))
-            deeper = [prefix for parent, infos in zip(prefixes, levels) for prefix in prefixes_in(infos, parent)]
+            deeper = [prefix for _, below in levels for prefix in below]
             if len(deeper) > PREFIXES_LISTED_APART:
+                progress.files -= sum(len(files) for files, _ in levels)  # listed again, with their prefixes' trees
                 break
-            found += [source for infos in levels for source in counted(sources(infos))]
+            found += [source for files, _ in levels for source in files]
             prefixes = deeper
         progress.prefixes = len(prefixes)
         for listed in as_completed([pool.submit(tree, prefix) for prefix in prefixes]):
             found += counted(listed.result())
             progress.prefixes_listed += 1
         return found
+
+
+@dataclass
+class _KeyRange:
+    """The part of an S3 listing with keys (and folders' names) in ``(after, until]``, ``None``
+    meaning no bound; ``token`` goes on from the last page listed."""
+
+    after: str | None = None
+    until: str | None = None
+    token: str | None = None
+
+    def holds(self, name: str) -> bool:
+        return self.until is None or name <= self.until
+
+
+def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[Source]], list[Source]]) -> tuple[list[Source], list[str]]:
+    """The objects directly in the S3 folder ``path`` (``counted`` page by page) and the folders
+    in it, as ``fs.ls`` has them. A page holds 1,000 keys and the next page can only be asked for
+    after it, so a folder of many pages is listed in key ranges at once: while fewer than
+    :data:`_LISTING_THREADS` ranges are under way, each page that does not end its range splits
+    off the range's rest beyond :func:`_split_key`, a key guessed from the page's names, as a
+    range of its own. A folder of one page takes one request, as before.
+
+    Why every key is listed exactly once, also on stores whose order is not S3's: a listing with
+    ``Delimiter="/"`` holds one folder level, whose keys every store orders as S3 does (SeaweedFS
+    orders a deeper listing folder by folder, and puts a folder by its name, ``x``, where S3 puts
+    it by ``x/``), and each range keeps the names in its bounds, so the ranges share no key.
+    A folder can come back in two ranges, and is kept once."""
+    bucket, key, _ = fs.split_path(path)
+    prefix = f"{key.rstrip('/')}/" if key else ""
+    found: list[Source] = []
+    folders: set[str] = set()
+
+    def page(part: _KeyRange) -> dict:
+        start = {"ContinuationToken": part.token} if part.token else {"StartAfter": part.after} if part.after else {}
+        return fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=_PAGE_KEYS, **start)
+
+    with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
+        under_way = {pool.submit(page, first := _KeyRange()): first}
+        while under_way:
+            done, _ = wait(under_way, return_when=FIRST_COMPLETED)
+            for answer_of in done:
+                part, answer = under_way.pop(answer_of), answer_of.result()
+                keys = [content["Key"] for content in answer.get("Contents", [])]
+                folder_keys = [common["Prefix"] for common in answer.get("CommonPrefixes", [])]
+                found += counted([
+                    Source(uri=fs.unstrip_protocol(f"{bucket}/{content['Key']}"), size=int(content["Size"]), version=_version(content))
+                    for content in answer.get("Contents", []) if part.holds(content["Key"])
+                ])  # fmt: skip
+                folders.update(folder.rstrip("/") for folder in folder_keys if part.holds(folder.rstrip("/")))
+                names = keys + [folder.rstrip("/") for folder in folder_keys]
+                if not answer.get("IsTruncated") or not all(map(part.holds, names)):
+                    continue
+                part.token = answer["NextContinuationToken"]
+                if names and len(under_way) + 1 < _LISTING_THREADS:
+                    letters = "".join(names).replace(prefix, "").replace("/", "")
+                    split = _split_key(min(names), max(keys + folder_keys), part.until, prefix, letters)
+                    if split is not None:
+                        upper = _KeyRange(after=split, until=part.until)
+                        under_way[pool.submit(page, upper)] = upper
+                        part.until = split
+                under_way[pool.submit(page, part)] = part
+    return found, sorted(f"{bucket}/{folder}" for folder in folders if folder != prefix.rstrip("/"))
+
+
+def _split_key(page_first: str, page_last: str, until: str | None, prefix: str, letters: str) -> str | None:
+    """Where the rest of a range, (``page_last``, ``until``], is split, spelled after ``prefix`` in
+    ``letters``: halfway to ``until`` (``None``: past every key under ``prefix``), or as far as
+    :data:`_PAGES_SPLIT_OFF` more pages as dense as the one from ``page_first`` to ``page_last``
+    would reach, whichever is nearer. Halfway finds the middle of names spread evenly
+    (``<uuid>.jpg``), the pages' density the end of numbered ones (``00001234.jpg``). ``None``
+    where no key is found between."""
+    digits = sorted(set(letters))
+    if len(digits) < 2:
+        return None
+    width = max(len(page_first), len(page_last), len(until or "")) - len(prefix) + 1
+
+    def number(key: str) -> int:
+        value = 0
+        for letter in key[len(prefix) :].ljust(width, digits[0])[:width]:
+            value = value * len(digits) + max(0, bisect.bisect_right(digits, letter) - 1)
+        return value
+
+    last = number(page_last)
+    end = len(digits) ** width if until is None else number(until)
+    split = min((last + end) // 2, last + _PAGES_SPLIT_OFF * (last - number(page_first)))
+    spelled = []
+    for _ in range(width):
+        split, digit = divmod(split, len(digits))
+        spelled.append(digits[digit])
+    key = prefix + "".join(reversed(spelled))
+    return key if page_last < key and (until is None or key < until) else None
 
 
 def _source(fs: fsspec.AbstractFileSystem, info: dict) -> Source:

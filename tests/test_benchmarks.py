@@ -131,8 +131,8 @@ def test_a_long_run_is_not_sized_from_a_short_run_that_printed_nothing(tmp_path:
 
 
 def test_storage_benchmark_lists_and_reads_both_ways_behind_a_delay(s3_endpoint: str) -> None:
-    (listed,) = measure_listing(s3_endpoint, [(40, 2, 3)], [0.01])
-    assert listed["objects"] == 40 and listed["prefixes"] == "2x3" and listed["delay_ms"] == 10
+    (listed,) = measure_listing(s3_endpoint, ["40x2x3:hashed"], [0.01])
+    assert listed["objects"] == 40 and listed["prefixes"] == "2x3" and listed["names"] == "hashed" and listed["delay_ms"] == 10
     assert min(listed["one_listing"], listed["prefixes_apart"], listed["segpipe"]) > 0.01  # every request waited
     (read,) = measure_reading(s3_endpoint, 4, [0.01])
     assert read["files"] == 4 and read["segpipe_connections"] > 0.01 and read["botocore_connections"] > 0.01

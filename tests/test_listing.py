@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import tarfile
 import time
@@ -14,7 +15,8 @@ import pytest
 from jobs.sample import encode, photos
 from pipeline.errors import InputError
 import pipeline.listing as listing_module
-from pipeline.listing import ListingProgress, list_shards
+from pipeline.listing import ListingProgress, files_under, list_shards
+from pipeline.storage import listing_filesystem
 
 
 @pytest.fixture
@@ -132,6 +134,35 @@ def test_an_object_store_input_lists_as_the_same_tree_on_disk_does(archive: Path
     assert [shard.kind for shard in list_shards(f"s3://{bucket}/in/a.tar", files_per_shard=4).shards] == ["tar"]
     with pytest.raises(InputError, match="input not found"):
         list_shards(f"s3://{bucket}/nothing-here", files_per_shard=4)
+
+
+def test_a_folder_of_many_pages_is_listed_in_key_ranges_at_once_with_every_key_once(s3, bucket: str, monkeypatch) -> None:
+    # names that S3 and SeaweedFS order differently around a folder (x/ against x-1.jpg, x.jpg), that
+    # sort outside ASCII, and many hashed and numbered ones; a folder's marker; folders inside
+    names = ["x", "x-1.jpg", "x.jpg", "x0.jpg", "x.jpg.txt", "B.jpg", "~.jpg", "é.jpg", "日.jpg", "😀.jpg", "a b.jpg"]
+    names += ["x/in.jpg", "x.jpg/deep/a.jpg", "sub/", "sub/q.jpg"]
+    names += [f"{hashlib.blake2b(str(index).encode(), digest_size=8).hexdigest()}.jpg" for index in range(120)]
+    names += [f"{index:08d}.jpg" for index in range(60)]
+    s3.pipe({f"{bucket}/in/{name}": b"x" * (index % 5) for index, name in enumerate(names)} | {f"{bucket}/in/": b""})
+    fs, root = listing_filesystem(f"s3://{bucket}/in")
+    expected = {listing_module._source(s3, info) for info in s3.find(f"{bucket}/in", detail=True, withdirs=False).values()}
+    whole_pages = list_shards(f"s3://{bucket}/in", files_per_shard=16)
+    for page_keys in (2, 3, 7):  # about 100, 66 and 28 pages: many ranges, split at many places
+        monkeypatch.setattr(listing_module, "_PAGE_KEYS", page_keys)
+        progress = ListingProgress()
+        found = files_under(fs, root, progress)
+        assert len(found) == len(expected) == progress.files and set(found) == expected
+        assert list_shards(f"s3://{bucket}/in", files_per_shard=16) == whole_pages
+
+
+def test_a_range_of_keys_is_split_where_the_names_say_the_keys_are() -> None:
+    # numbered names: about 8 more pages as dense as the last (counted in the 14 letters of the names,
+    # not in decimal digits); names spread evenly: halfway to the end
+    numbered = listing_module._split_key("in/00000000.jpg", "in/00000999.jpg", None, "in/", "0123456789.jpg")
+    assert "in/00004" < numbered < "in/00012"
+    hashed = listing_module._split_key("in/0003.jpg", "in/0fff.jpg", None, "in/", "0123456789abcdef.jpg")
+    assert "in/6" < hashed < "in/a" and listing_module._split_key("in/0003.jpg", "in/0fff.jpg", hashed, "in/", "0123456789abcdef.jpg") < hashed
+    assert listing_module._split_key("in/a", "in/b", "in/b", "in/", "ab") is None  # nothing between
 
 
 def test_a_listing_counts_its_files_and_prefixes_as_it_goes(archive: Path, s3, bucket: str) -> None:
