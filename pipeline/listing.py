@@ -198,8 +198,10 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgr
     request after another, so ``root``'s prefixes (``2026/``, ``camera-7/``) are listed in
     threads of their own: where there are fewer than the threads, one level deeper (``2026/11/``)
     while that gives at most :data:`PREFIXES_LISTED_APART`. Where ``root`` itself holds more,
-    most would be listed in a request or two, so ``root`` is listed as one. On S3, a level of
-    many pages (``images/<uuid>.jpg``) is listed in key ranges at once (:func:`_s3_level`). The
+    most would be listed in a request or two, so ``root`` is listed as one, unless on S3 a page of
+    its keys shows many keys per prefix (:func:`_s3_keys_per_prefix_are_many`: 256 hash prefixes
+    of thousands of keys). On S3, a level of many pages (``images/<uuid>.jpg``) is listed in key
+    ranges at once (:func:`_s3_level`). The
     file systems' infos (a dict of about 1 KB per file) are made :class:`Source` records as each
     prefix (each folder on disk) is listed, so that they are not all held at once; ``progress``
     counts them."""
@@ -219,9 +221,14 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgr
     def tree(prefix: str) -> list[Source]:
         return sources(fs.find(prefix, detail=True, withdirs=False).values())
 
+    on_s3 = "s3" in fs.protocol and hasattr(fs, "call_s3") and not getattr(fs, "version_aware", False)
+
+    def too_many(prefixes: list[str]) -> bool:
+        return len(prefixes) > PREFIXES_LISTED_APART and not (on_s3 and _s3_keys_per_prefix_are_many(fs, prefixes))
+
     def level(prefix: str) -> tuple[list[Source], list[str]]:
         """The files directly under ``prefix``, counted, and the prefixes below it."""
-        if "s3" in fs.protocol and hasattr(fs, "call_s3") and not getattr(fs, "version_aware", False):
+        if on_s3:
             return _s3_level(fs, prefix, counted)
         fs.invalidate_cache(prefix)  # an earlier listing in this process may be cached, and stale
         infos = fs.ls(prefix, detail=True)
@@ -232,14 +239,14 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgr
     if isinstance(fs, LocalFileSystem):
         return [source for _, _, files in fs.walk(root, detail=True) for source in counted(sources(files.values()))]
     found, prefixes = level(root)
-    if len(prefixes) > PREFIXES_LISTED_APART:
+    if too_many(prefixes):
         progress.files = 0  # the top level's files are listed again, with the rest
         return counted(tree(root))
     with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
         while 0 < len(prefixes) < _LISTING_THREADS:
             levels = list(pool.map(level, prefixes))
             deeper = [prefix for _, below in levels for prefix in below]
-            if len(deeper) > PREFIXES_LISTED_APART:
+            if too_many(deeper):
                 progress.files -= sum(len(files) for files, _ in levels)  # listed again, with their prefixes' trees
                 break
             found += [source for files, _ in levels for source in files]
@@ -249,6 +256,20 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgr
             found += counted(listed.result())
             progress.prefixes_listed += 1
         return found
+
+
+def _s3_keys_per_prefix_are_many(fs: fsspec.AbstractFileSystem, prefixes: list[str]) -> bool:
+    """Whether a page of the keys from the first of the S3 folders ``prefixes`` (folders side by
+    side) on falls under fewer folders than there are listing threads, so about 60 keys each or
+    more: then listing them apart, a request for each at least, takes fewer rounds of requests
+    than one listing of all. The page starts after the folder's name, so that the files beside
+    the folders, which may sort before them, do not fill it."""
+    bucket, first, _ = fs.split_path(prefixes[0])
+    parent = first.rstrip("/").rpartition("/")[0]
+    parent = f"{parent}/" if parent else ""
+    answer = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=parent, StartAfter=first.rstrip("/"), MaxKeys=_PAGE_KEYS)
+    keys = [content["Key"].removeprefix(parent) for content in answer.get("Contents", [])]
+    return bool(answer.get("IsTruncated")) and len({key.split("/")[0] for key in keys if "/" in key}) < _LISTING_THREADS
 
 
 @dataclass

@@ -155,6 +155,22 @@ def test_a_folder_of_many_pages_is_listed_in_key_ranges_at_once_with_every_key_o
         assert list_shards(f"s3://{bucket}/in", files_per_shard=16) == whole_pages
 
 
+def test_more_prefixes_than_are_listed_apart_still_are_where_each_holds_many_keys(s3, bucket: str, monkeypatch) -> None:
+    # scaled down: 2 threads, pages of 4 keys, more than 2 prefixes "many"; a page of keys under fewer prefixes
+    # than threads means more keys each than a thread's share of a page: listing them apart takes fewer rounds
+    monkeypatch.setattr(listing_module, "PREFIXES_LISTED_APART", 2)
+    monkeypatch.setattr(listing_module, "_LISTING_THREADS", 2)
+    monkeypatch.setattr(listing_module, "_PAGE_KEYS", 4)
+    s3.pipe({f"{bucket}/hashed/{shard:02x}/{index}.jpg": b"x" for shard in range(4) for index in range(8)} | {f"{bucket}/hashed/top.jpg": b"x"})
+    s3.pipe({f"{bucket}/sparse/{shard:02x}/0.jpg": b"x" for shard in range(12)})
+    for name, prefixes_listed_apart in (("hashed", 4), ("sparse", 0)):
+        progress = ListingProgress()
+        found = files_under(*listing_filesystem(f"s3://{bucket}/{name}"), progress)
+        expected = {listing_module._source(s3, info) for info in s3.find(f"{bucket}/{name}", detail=True).values()}
+        assert set(found) == expected and len(found) == len(expected) == progress.files
+        assert progress.prefixes == progress.prefixes_listed == prefixes_listed_apart
+
+
 def test_a_range_of_keys_is_split_where_the_names_say_the_keys_are() -> None:
     # numbered names: about 8 more pages as dense as the last (counted in the 14 letters of the names,
     # not in decimal digits); names spread evenly: halfway to the end
