@@ -22,6 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.listing import files_under
 from pipeline.schema import TABLE_SCHEMAS, unnest, with_stage_seconds
 from pipeline.storage import listing_filesystem, retrying, write_object
 
@@ -94,9 +95,8 @@ def shard_ids_written(output: str, run_date: dt.date, model: str) -> set[str]:
 
 def _shard_ids_written(output: str, run_date: dt.date, model: str) -> set[str]:
     fs, directory = listing_filesystem(partition_path(output, "images", run_date, model))
-    fs.invalidate_cache(directory)  # the write tasks' processes may have written there since this one listed it
-    try:
-        names = [posixpath.basename(path) for path in fs.ls(directory, detail=False)]
+    try:  # a run of millions of images has a flat folder of thousands of shards here, listed in key ranges on S3
+        names = [posixpath.basename(source.uri) for source in files_under(fs, directory)]
     except FileNotFoundError:
         return set()
     return {name.removeprefix("part-").removesuffix(".parquet") for name in names if name.startswith("part-") and name.endswith(".parquet")}
