@@ -38,6 +38,7 @@ _LISTING_THREADS = 16
 _PAGE_KEYS = 1000
 """Keys per S3 listing request: the most that S3 gives."""
 _PAGES_SPLIT_OFF = 8
+_KEYS_AT_ONCE = 100_000
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 """Windows saves JPEGs from browsers as ``.jfif``; what a file holds is decided by its bytes, not its name."""
 ShardKind = Literal["files", "tar", "parquet"]
@@ -152,12 +153,14 @@ def list_shards(
             loose.append(source)
         else:
             ignored += 1
-    skipped: set[str] = set()
-    skipped_images = 0
+    skipped = skipped_images = 0
     if processed is not None:
-        skipped, skipped_images = _processed_keys(loose + [source for _, source in containers], processed)
-        loose = [source for source in loose if source.key not in skipped]
-        containers = [(kind, source) for kind, source in containers if source.key not in skipped]
+        done, skipped_images = _processed(loose + [source for _, source in containers], processed)
+        skipped = done.count(True)
+        loose, containers = (
+            [source for source, is_done in zip(loose, done) if not is_done],
+            [container for container, is_done in zip(containers, done[len(loose) :]) if not is_done],
+        )
     groups: list[tuple[ShardKind, list[Source]]] = [
         ("files", loose[start : start + files_per_shard]) for start in range(0, len(loose), files_per_shard)
     ]
@@ -165,7 +168,7 @@ def list_shards(
     shards = [_shard(kind, sources) for kind, sources in groups]
     if limit is not None:
         shards = _limit(fs, shards, limit)
-    return Listing(shards=shards, ignored_files=ignored, skipped_files=len(skipped), skipped_images=skipped_images)
+    return Listing(shards=shards, ignored_files=ignored, skipped_files=skipped, skipped_images=skipped_images)
 
 
 def _hidden(uri: str, root_uri: str) -> bool:
@@ -368,12 +371,17 @@ def _source(fs: fsspec.AbstractFileSystem, info: dict) -> Source:
     return Source(uri=fs.unstrip_protocol(info["name"]), size=int(info["size"]), version=_version(info))
 
 
-def _processed_keys(sources: list[Source], processed: ProcessedSources) -> tuple[set[str], int]:
-    """The keys of ``sources`` that ``processed`` holds, and how many images those held."""
-    keys = pa.array([source.key for source in sources], pa.string())
-    done = pc.filter(keys, pc.is_in(keys, value_set=processed.keys))
-    images = pc.sum(pc.filter(processed.images, pc.is_in(processed.keys, value_set=done))).as_py()
-    return set(done.to_pylist()), images or 0
+def _processed(sources: list[Source], processed: ProcessedSources) -> tuple[list[bool], int]:
+    """Which of ``sources`` ``processed`` holds, and how many images those held. The keys become
+    Arrow strings :data:`_KEYS_AT_ONCE` at a time: a nightly run over millions of files, most of
+    them processed, would otherwise hold them all as Python strings at once, and a set of the
+    processed ones (200 MiB per million)."""
+    keys = pa.chunked_array(
+        [pa.array([source.key for source in sources[start : start + _KEYS_AT_ONCE]], pa.string()) for start in range(0, len(sources), _KEYS_AT_ONCE)],
+        pa.string(),
+    )  # fmt: skip
+    where = pc.index_in(keys, value_set=processed.keys)  # processed.keys are unique
+    return pc.is_valid(where).to_pylist(), pc.sum(pc.take(processed.images, where.drop_null())).as_py() or 0
 
 
 def _shard(kind: ShardKind, sources: list[Source], max_images: int | None = None) -> Shard:
