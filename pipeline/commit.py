@@ -92,14 +92,12 @@ def processed_sources(output: str, *, model: str, weights_sha256: str, preproces
         return ProcessedSources(keys=pa.array([], pa.string()), images=pa.array([], pa.int64()), run_ids=())
     paths = [fsspec.core.url_to_fs(manifest["sources_uri"])[1] for manifest in matching]
     table = retrying(
-        lambda: pa_dataset.dataset(paths, filesystem=fs, format="parquet", schema=SOURCES_SCHEMA).to_table(),
+        lambda: pa_dataset.dataset(paths, filesystem=fs, format="parquet", schema=SOURCES_SCHEMA).to_table(columns=["uri", "size", "version", "images"]),
         f"reading the sources of {len(paths)} earlier runs",
     )
-    keys = pc.binary_join_element_wise(table["uri"], pc.cast(table["size"], pa.string()), table["version"], "\t")
-    unique = pa.table({"key": keys, "images": table["images"]}).group_by("key").aggregate([("images", "max")])
     return ProcessedSources(
-        keys=unique["key"].combine_chunks(),
-        images=unique["images_max"].combine_chunks(),
+        keys=pc.binary_join_element_wise(table["uri"], pc.cast(table["size"], pa.string()), table["version"], "\t").combine_chunks(),
+        images=table["images"].combine_chunks(),
         run_ids=tuple(sorted(manifest["run_id"] for manifest in matching)),
     )
 

@@ -83,7 +83,8 @@ class Shard:
 @dataclass(frozen=True)
 class ProcessedSources:
     """Sources that committed runs processed completely: ``keys`` (:attr:`Source.key`) and the
-    number of ``images`` each held, from the runs ``run_ids``."""
+    number of ``images`` each held, from the runs ``run_ids``. A source that several runs
+    processed is there once for each: the same content, so the same images."""
 
     keys: pa.Array
     images: pa.Array
@@ -380,7 +381,7 @@ def _processed(sources: list[Source], processed: ProcessedSources) -> tuple[list
         [pa.array([source.key for source in sources[start : start + _KEYS_AT_ONCE]], pa.string()) for start in range(0, len(sources), _KEYS_AT_ONCE)],
         pa.string(),
     )  # fmt: skip
-    where = pc.index_in(keys, value_set=processed.keys)  # processed.keys are unique
+    where = pc.index_in(keys, value_set=processed.keys)  # the first of a key's repeats
     return pc.is_valid(where).to_pylist(), pc.sum(pc.take(processed.images, where.drop_null())).as_py() or 0
 
 

@@ -15,7 +15,7 @@ import pytest
 from jobs.sample import encode, photos
 from pipeline.errors import InputError
 import pipeline.listing as listing_module
-from pipeline.listing import ListingProgress, files_under, list_shards
+from pipeline.listing import ListingProgress, ProcessedSources, files_under, list_shards
 from pipeline.storage import listing_filesystem
 
 
@@ -50,6 +50,19 @@ def test_shard_kinds_and_grouping(archive: Path) -> None:
     uris = [source.uri for shard in listing.shards[:2] for source in shard.sources]
     assert uris == sorted(uris) and all(uri.startswith("file://") for uri in uris)
     assert any(uri.endswith("loose/UPPER.JPEG") for uri in uris)  # extensions match in any case
+
+
+def test_sources_that_earlier_runs_processed_are_left_out_once_however_many_runs_processed_them(archive: Path) -> None:
+    everything = [source for shard in list_shards(str(archive), files_per_shard=4).shards for source in shard.sources]
+    tar = next(source for source in everything if source.uri.endswith("a.tar"))
+    first_loose = next(source for source in everything if source.uri.endswith("00.jpg"))
+    # two runs processed the tar (3 images) and one loose file; one of them also a file no longer there
+    keys = [tar.key, first_loose.key, tar.key, "file:///gone.jpg\t1\t1"]
+    processed = ProcessedSources(keys=pa.array(keys), images=pa.array([3, 1, 3, 1]), run_ids=("a", "b"))
+    listing = list_shards(str(archive), files_per_shard=4, processed=processed)
+    left = [source for shard in listing.shards for source in shard.sources]
+    assert left == [source for source in everything if source not in (tar, first_loose)]
+    assert (listing.skipped_files, listing.skipped_images) == (2, 4)
 
 
 def test_jpegs_named_as_windows_and_old_cameras_name_them_are_images(tmp_path: Path) -> None:
