@@ -66,7 +66,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         image = _upright(image)
         return _to_rgb(image)
     except Exception as error:  # noqa: BLE001 - see above
-        if "truncated" in str(error) or "broken data stream" in str(error):
+        if "truncated" in str(error).lower() or "broken data stream" in str(error):  # "Truncated File Read" too
             raise DecodeError("truncated_image", f"{image.format} data ends early: {error}") from None
         raise DecodeError("decode_error", f"{image.format} {image.mode} image cannot be decoded: {error}") from None
 
