@@ -285,8 +285,14 @@ class _KeyRange:
     until: str | None = None
     token: str | None = None
 
-    def holds(self, name: str) -> bool:
+    def reaches(self, name: str) -> bool:
+        """Whether ``name`` is not past the range's end."""
         return self.until is None or name <= self.until
+
+    def holds(self, key: str) -> bool:
+        """Whether the object ``key`` is this range's: within both bounds, so that a store that
+        ignored ``StartAfter`` would list the keys before the range again, but not keep them twice."""
+        return (self.after is None or key > self.after) and self.reaches(key)
 
 
 def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[Source]], list[Source]]) -> tuple[list[Source], list[str]]:
@@ -323,9 +329,10 @@ def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[
                     Source(uri=fs.unstrip_protocol(f"{bucket}/{content['Key']}"), size=int(content["Size"]), version=_version(content))
                     for content in answer.get("Contents", []) if part.holds(content["Key"])
                 ])  # fmt: skip
-                folders.update(folder.rstrip("/") for folder in folder_keys if part.holds(folder.rstrip("/")))
+                # a folder has no lower bound: S3 can give folder q/ to the range after the one that holds the name q
+                folders.update(folder.rstrip("/") for folder in folder_keys if part.reaches(folder.rstrip("/")))
                 names = keys + [folder.rstrip("/") for folder in folder_keys]
-                if not answer.get("IsTruncated") or not all(map(part.holds, names)):
+                if not answer.get("IsTruncated") or not all(map(part.reaches, names)):
                     continue
                 part.token = answer["NextContinuationToken"]
                 if names and len(under_way) + 1 < _LISTING_THREADS:
