@@ -91,8 +91,9 @@ def processed_sources(output: str, *, model: str, weights_sha256: str, preproces
     if not matching:
         return ProcessedSources(keys=pa.array([], pa.string()), images=pa.array([], pa.int64()), run_ids=())
     paths = [fsspec.core.url_to_fs(manifest["sources_uri"])[1] for manifest in matching]
+    columns = ["uri", "size", "version", "images"]
     table = retrying(
-        lambda: pa_dataset.dataset(paths, filesystem=fs, format="parquet", schema=SOURCES_SCHEMA).to_table(columns=["uri", "size", "version", "images"]),
+        lambda: pa_dataset.dataset(paths, filesystem=fs, format="parquet", schema=SOURCES_SCHEMA).to_table(columns=columns),
         f"reading the sources of {len(paths)} earlier runs",
     )
     return ProcessedSources(

@@ -205,10 +205,9 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgr
     most would be listed in a request or two, so ``root`` is listed as one, unless on S3 a page of
     its keys shows many keys per prefix (:func:`_s3_keys_per_prefix_are_many`: 256 hash prefixes
     of thousands of keys). On S3, a level of many pages (``images/<uuid>.jpg``) is listed in key
-    ranges at once (:func:`_s3_level`). The
-    file systems' infos (a dict of about 1 KB per file) are made :class:`Source` records as each
-    prefix (each folder on disk) is listed, so that they are not all held at once; ``progress``
-    counts them."""
+    ranges at once (:func:`_s3_level`). The file systems' infos (a dict of about 1 KB per file)
+    are made :class:`Source` records as each prefix (each folder on disk) is listed, so that they
+    are not all held at once; ``progress`` counts them."""
     progress = progress or ListingProgress()
     progress.files = progress.prefixes = progress.prefixes_listed = 0  # a retried listing starts over
 
@@ -306,7 +305,7 @@ def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[
     Why every key is listed exactly once, also on stores whose order is not S3's: a listing with
     ``Delimiter="/"`` holds one folder level, whose keys every store orders as S3 does (SeaweedFS
     orders a deeper listing folder by folder, and puts a folder by its name, ``x``, where S3 puts
-    it by ``x/``), and each range keeps the names in its bounds, so the ranges share no key.
+    it by ``x/``), and each range keeps the keys within its bounds, so the ranges share no key.
     A folder can come back in two ranges, and is kept once."""
     bucket, key, _ = fs.split_path(path)
     prefix = f"{key.rstrip('/')}/" if key else ""
@@ -384,11 +383,10 @@ def _processed(sources: list[Source], processed: ProcessedSources) -> tuple[list
     Arrow strings :data:`_KEYS_AT_ONCE` at a time: a nightly run over millions of files, most of
     them processed, would otherwise hold them all as Python strings at once, and a set of the
     processed ones (200 MiB per million)."""
-    keys = pa.chunked_array(
-        [pa.array([source.key for source in sources[start : start + _KEYS_AT_ONCE]], pa.string()) for start in range(0, len(sources), _KEYS_AT_ONCE)],
-        pa.string(),
-    )  # fmt: skip
-    where = pc.index_in(keys, value_set=processed.keys)  # the first of a key's repeats
+    chunks = []
+    for start in range(0, len(sources), _KEYS_AT_ONCE):
+        chunks.append(pa.array([source.key for source in sources[start : start + _KEYS_AT_ONCE]], pa.string()))
+    where = pc.index_in(pa.chunked_array(chunks, pa.string()), value_set=processed.keys)  # the first of a key's repeats
     return pc.is_valid(where).to_pylist(), pc.sum(pc.take(processed.images, where.drop_null())).as_py() or 0
 
 
