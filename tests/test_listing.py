@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.storage import delaying_proxy
 from jobs.sample import encode, photos
 from pipeline.errors import InputError
 import pipeline.listing as listing_module
@@ -166,6 +168,44 @@ def test_a_folder_of_many_pages_is_listed_in_key_ranges_at_once_with_every_key_o
         found = files_under(fs, root, progress)
         assert len(found) == len(expected) == progress.files and set(found) == expected
         assert list_shards(f"s3://{bucket}/in", files_per_shard=16) == whole_pages
+
+
+def test_a_listing_in_key_ranges_that_meets_an_outage_lists_every_key_once_when_the_store_is_back(private_s3, monkeypatch) -> None:
+    import s3fs
+
+    environment = private_s3.environment()
+    writer = s3fs.S3FileSystem(endpoint_url=private_s3.endpoint, key=environment["AWS_ACCESS_KEY_ID"],
+                               secret=environment["AWS_SECRET_ACCESS_KEY"], skip_instance_cache=True)  # fmt: skip
+    writer.mkdir("archive")
+    names = [f"{hashlib.blake2b(str(index).encode(), digest_size=8).hexdigest()}.jpg" for index in range(300)]
+    writer.pipe({f"archive/flat/{name}": b"x" for name in names})
+    monkeypatch.setattr(listing_module, "_PAGE_KEYS", 4)  # 75 pages, in up to 16 ranges
+    progress = ListingProgress()
+    listed_when_stopped = []
+
+    def stop_mid_listing_and_start_again() -> None:
+        deadline = time.monotonic() + 120  # a listing that failed early must not leave the test waiting
+        while progress.files < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        private_s3.stop()
+        listed_when_stopped.append(progress.files)
+        time.sleep(5)  # s3fs's and botocore's retries of a request may ride it out, or segpipe's start the listing over
+        private_s3.start()
+
+    with delaying_proxy(private_s3.endpoint, 0.2) as endpoint:  # slow enough to be stopped part-way
+        for name, value in {**environment, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        outage = threading.Thread(target=stop_mid_listing_and_start_again)
+        outage.start()
+        try:
+            listing = list_shards("s3://archive/flat", files_per_shard=16, progress=progress)
+        finally:
+            outage.join()
+            s3fs.S3FileSystem.clear_instance_cache()
+    assert listed_when_stopped[0] < len(names), "the outage must land mid-listing"
+    listed = [source.uri for shard in listing.shards for source in shard.sources]
+    assert listed == [f"s3://archive/flat/{name}" for name in sorted(names)] and progress.files == len(names)
 
 
 def test_more_prefixes_than_are_listed_apart_still_are_where_each_holds_many_keys(s3, bucket: str, monkeypatch) -> None:
