@@ -267,12 +267,17 @@ def _s3_keys_per_prefix_are_many(fs: fsspec.AbstractFileSystem, prefixes: list[s
     more: then listing them apart, a request for each at least, takes fewer rounds of requests
     than one listing of all. The page starts after the folder's name, so that the files beside
     the folders, which may sort before them, do not fill it."""
-    bucket, first, _ = fs.split_path(prefixes[0])
-    parent = first.rstrip("/").rpartition("/")[0]
-    parent = f"{parent}/" if parent else ""
-    answer = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=parent, StartAfter=first.rstrip("/"), MaxKeys=_PAGE_KEYS)
+    bucket, parent = _s3_folder(fs, posixpath.dirname(prefixes[0].rstrip("/")))
+    first = fs.split_path(prefixes[0])[1].rstrip("/")
+    answer = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=parent, StartAfter=first, MaxKeys=_PAGE_KEYS)
     keys = [content["Key"].removeprefix(parent) for content in answer.get("Contents", [])]
     return bool(answer.get("IsTruncated")) and len({key.split("/")[0] for key in keys if "/" in key}) < _LISTING_THREADS
+
+
+def _s3_folder(fs: fsspec.AbstractFileSystem, path: str) -> tuple[str, str]:
+    """The bucket of the S3 folder ``path`` and the prefix of its keys (``""`` for a bucket's top, else ending in "/")."""
+    bucket, key, _ = fs.split_path(path)
+    return bucket, f"{key.rstrip('/')}/" if key else ""
 
 
 @dataclass
@@ -307,8 +312,7 @@ def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[
     orders a deeper listing folder by folder, and puts a folder by its name, ``x``, where S3 puts
     it by ``x/``), and each range keeps the keys within its bounds, so the ranges share no key.
     A folder can come back in two ranges, and is kept once."""
-    bucket, key, _ = fs.split_path(path)
-    prefix = f"{key.rstrip('/')}/" if key else ""
+    bucket, prefix = _s3_folder(fs, path)
     found: list[Source] = []
     folders: set[str] = set()
 
@@ -322,15 +326,17 @@ def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[
             done, _ = wait(under_way, return_when=FIRST_COMPLETED)
             for answer_of in done:
                 part, answer = under_way.pop(answer_of), answer_of.result()
-                keys = [content["Key"] for content in answer.get("Contents", [])]
+                contents = answer.get("Contents", [])
+                keys = [content["Key"] for content in contents]
                 folder_keys = [common["Prefix"] for common in answer.get("CommonPrefixes", [])]
+                folder_names = [folder.rstrip("/") for folder in folder_keys]
                 found += counted([
-                    Source(uri=fs.unstrip_protocol(f"{bucket}/{content['Key']}"), size=int(content["Size"]), version=_version(content))
-                    for content in answer.get("Contents", []) if part.holds(content["Key"])
+                    Source(uri=fs.unstrip_protocol(f"{bucket}/{key}"), size=int(content["Size"]), version=_version(content))
+                    for key, content in zip(keys, contents) if part.holds(key)
                 ])  # fmt: skip
                 # a folder has no lower bound: S3 can give folder q/ to the range after the one that holds the name q
-                folders.update(folder.rstrip("/") for folder in folder_keys if part.reaches(folder.rstrip("/")))
-                names = keys + [folder.rstrip("/") for folder in folder_keys]
+                folders.update(name for name in folder_names if part.reaches(name))
+                names = keys + folder_names
                 if not answer.get("IsTruncated") or not all(map(part.reaches, names)):
                     continue
                 part.token = answer["NextContinuationToken"]
