@@ -313,6 +313,7 @@ def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[
     it by ``x/``), and each range keeps the keys within its bounds, so the ranges share no key.
     A folder can come back in two ranges, and is kept once."""
     bucket, prefix = _s3_folder(fs, path)
+    bucket_uri = fs.unstrip_protocol(bucket) + "/"
     found: list[Source] = []
     folders: set[str] = set()
 
@@ -331,7 +332,7 @@ def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[
                 folder_keys = [common["Prefix"] for common in answer.get("CommonPrefixes", [])]
                 folder_names = [folder.rstrip("/") for folder in folder_keys]
                 found += counted([
-                    Source(uri=fs.unstrip_protocol(f"{bucket}/{key}"), size=int(content["Size"]), version=_version(content))
+                    Source(uri=bucket_uri + key, size=content["Size"], version=_version(content))
                     for key, content in zip(keys, contents) if part.holds(key)
                 ])  # fmt: skip
                 # a folder has no lower bound: S3 can give folder q/ to the range after the one that holds the name q
