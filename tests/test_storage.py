@@ -3,6 +3,7 @@ store that stays down ends in one clear StorageUnavailable error."""
 
 from __future__ import annotations
 
+import gc
 import socket
 
 import botocore.parsers
@@ -162,3 +163,16 @@ def test_the_listing_client_leaves_anything_but_a_listing_to_botocore(status: in
     answer, fields = {"status_code": status, "headers": {}, "body": body}, {}
     storage._read_listing(operation_model=operation, response_dict=answer, customized_response_dict=fields)
     assert answer == {"status_code": status, "headers": {}, "body": body} and fields == {}
+
+
+@pytest.mark.parametrize("body", [_LISTING, _LISTING[:100]])
+def test_reading_a_listing_leaves_the_garbage_collector_as_it_found_it(body: bytes) -> None:
+    operation = botocore.session.get_session().get_service_model("s3").operation_model("ListObjectsV2")
+    try:
+        for enabled in (True, False):
+            gc.enable() if enabled else gc.disable()
+            storage._read_listing(operation_model=operation, response_dict={"status_code": 200, "headers": {}, "body": body},
+                                  customized_response_dict={})  # fmt: skip
+            assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
