@@ -156,9 +156,8 @@ def _read_listing(operation_model: Any, response_dict: dict, customized_response
     gc.disable()
     try:
         root = ElementTree.fromstring(response_dict["body"])
-        namespace = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
-        read = _xml_reader(operation_model.output_shape, namespace)
-        if root.tag == f"{namespace}ListBucketResult" and read is not None:
+        read = _xml_reader(operation_model.output_shape)
+        if _local_name(root) == "ListBucketResult" and read is not None:
             customized_response_dict.update(read(root))
             response_dict["body"] = b""
     except ElementTree.ParseError:
@@ -178,14 +177,15 @@ _SCALAR_READERS: dict[str, _XmlReader] = {
 }
 
 
-def _xml_reader(shape: Any, namespace: str) -> _XmlReader | None:
+def _xml_reader(shape: Any) -> _XmlReader | None:
     """A function from an XML element to what botocore's rest-xml parser makes of it as ``shape``
     (a botocore ``Shape``; a flattened list's reader reads one of its items), or ``None`` where
-    ``shape`` holds a kind this does not read as botocore does (maps, blobs, XML attributes)."""
+    ``shape`` holds a kind this does not read as botocore does (maps, blobs, XML attributes).
+    Elements are known by their names without namespaces, as botocore knows them."""
     if shape.type_name in _SCALAR_READERS:
         return _SCALAR_READERS[shape.type_name]
     if shape.type_name == "list":
-        item = _xml_reader(shape.member, namespace)
+        item = _xml_reader(shape.member)
         if item is None or shape.serialization.get("flattened"):
             return item
         return lambda node: [item(child) for child in node]
@@ -197,15 +197,15 @@ def _xml_reader(shape: Any, namespace: str) -> _XmlReader | None:
             continue
         flattened = member.type_name == "list" and bool(member.serialization.get("flattened"))
         tag = (flattened and member.member.serialization.get("name")) or member.serialization.get("name", name)
-        read = _xml_reader(member, namespace)
+        read = _xml_reader(member)
         if read is None or member.serialization.get("xmlAttribute"):
             return None
-        members[namespace + tag] = (name, read, flattened)
+        members[tag] = (name, read, flattened)
 
     def structure(node: ElementTree.Element) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         for child in node:
-            if (member := members.get(child.tag)) is not None:
+            if (member := members.get(_local_name(child))) is not None:
                 name, read, flattened = member
                 if flattened:
                     fields.setdefault(name, []).append(read(child))
@@ -214,6 +214,11 @@ def _xml_reader(shape: Any, namespace: str) -> _XmlReader | None:
         return fields
 
     return structure
+
+
+def _local_name(element: ElementTree.Element) -> str:
+    """``element``'s name without its namespace (ElementTree's ``{namespace}name``)."""
+    return element.tag.rpartition("}")[2]
 
 
 def _iso_timestamp(value: str) -> datetime.datetime:

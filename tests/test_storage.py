@@ -136,7 +136,15 @@ _LISTING = b"""<?xml version="1.0" encoding="UTF-8"?>
 </ListBucketResult>"""
 
 
-@pytest.mark.parametrize("body", [_LISTING, _LISTING.replace(b"<Contents>", b"<Other>").replace(b"</Contents>", b"</Other>")])
+@pytest.mark.parametrize(
+    "body",
+    [
+        _LISTING,
+        _LISTING.replace(b"<Contents>", b"<Other>").replace(b"</Contents>", b"</Other>"),
+        _LISTING.replace(b' xmlns="http://s3.amazonaws.com/doc/2006-03-01/"', b""),  # stores that name no namespace
+        _LISTING.replace(b"<Contents>", b'<Contents xmlns="urn:another">'),  # nor always the same one
+    ],
+)
 def test_the_listing_client_reads_every_field_of_a_listing_as_botocore_does(body: bytes) -> None:
     operation = botocore.session.get_session().get_service_model("s3").operation_model("ListObjectsV2")
     parser = botocore.parsers.RestXMLParser(timestamp_parser=storage._iso_timestamp)
