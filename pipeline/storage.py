@@ -180,15 +180,12 @@ _SCALAR_READERS: dict[str, _XmlReader] = {
 def _xml_reader(shape: Any) -> _XmlReader | None:
     """A function from an XML element to what botocore's rest-xml parser makes of it as ``shape``
     (a botocore ``Shape``; a flattened list's reader reads one of its items), or ``None`` where
-    ``shape`` holds a kind this does not read as botocore does (maps, blobs, XML attributes).
+    ``shape`` holds a kind this does not read as botocore does (maps, blobs, wrapped lists, XML attributes).
     Elements are known by their names without namespaces, as botocore knows them."""
     if shape.type_name in _SCALAR_READERS:
         return _SCALAR_READERS[shape.type_name]
-    if shape.type_name == "list":
-        item = _xml_reader(shape.member)
-        if item is None or shape.serialization.get("flattened"):
-            return item
-        return lambda node: [item(child) for child in node]
+    if shape.type_name == "list":  # a flattened list's items stand side by side in its structure (S3's lists all are)
+        return _xml_reader(shape.member) if shape.serialization.get("flattened") else None
     if shape.type_name != "structure" or shape.metadata.get("exception") or shape.is_tagged_union or shape.is_document_type:
         return None
     members: dict[str, tuple[str, _XmlReader, bool]] = {}  # by tag: member name, reader, whether a flattened list's item

@@ -173,6 +173,12 @@ def test_the_listing_client_leaves_anything_but_a_listing_to_botocore(status: in
     assert answer == {"status_code": status, "headers": {}, "body": body} and fields == {}
 
 
+def test_the_listing_reader_declines_what_it_does_not_read_as_botocore_does() -> None:
+    s3_model = botocore.session.get_session().get_service_model("s3")
+    assert storage._xml_reader(s3_model.operation_model("ListObjectsV2").output_shape) is not None
+    assert storage._xml_reader(s3_model.operation_model("ListBuckets").output_shape) is None  # a wrapped list: botocore's
+
+
 @pytest.mark.parametrize("body", [_LISTING, _LISTING[:100]])
 def test_reading_a_listing_leaves_the_garbage_collector_as_it_found_it(body: bytes) -> None:
     operation = botocore.session.get_session().get_service_model("s3").operation_model("ListObjectsV2")
