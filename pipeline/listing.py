@@ -111,16 +111,19 @@ class ListingProgress:
     prefixes_listed: int = 0
 
 
-def image_extension(name: str) -> str | None:
-    extension = posixpath.splitext(name)[1].lower()
-    return extension if extension in IMAGE_EXTENSIONS else None
+def extension(path: str) -> str:
+    """The extension of the file or tar member ``path`` in lower case (``".jpg"``), or ``""``: what
+    follows the last dot of its name. A hidden name's (``.jpg``) is the whole name; its callers
+    leave hidden names out before asking."""
+    name = path[path.rfind("/") + 1 :]
+    return name[name.rfind(".") :].lower() if "." in name else ""
 
 
 def image_member(member: tarfile.TarInfo) -> bool:
     """Whether a tar member is an image to segment: a file with an image extension, not hidden.
     A tar made on macOS holds an AppleDouble file (``._photo.jpg``, the attributes of
     ``photo.jpg``) beside each image; as images they would each be a ``not_an_image`` row."""
-    return member.isfile() and image_extension(member.name) is not None and "/." not in "/" + member.name
+    return member.isfile() and extension(member.name) in IMAGE_EXTENSIONS and "/." not in "/" + member.name
 
 
 def list_shards(
@@ -143,14 +146,12 @@ def list_shards(
     containers: list[tuple[ShardKind, Source]] = []
     ignored = 0
     for source in sorted(found, key=lambda source: source.uri):
-        name = posixpath.basename(source.uri)
+        suffix = extension(source.uri)
         if _hidden(source.uri, root_uri):
             ignored += 1
-        elif name.lower().endswith(".tar"):
-            containers.append(("tar", source))
-        elif name.lower().endswith(".parquet"):
-            containers.append(("parquet", source))
-        elif image_extension(name):
+        elif suffix in (".tar", ".parquet"):
+            containers.append(("tar" if suffix == ".tar" else "parquet", source))
+        elif suffix in IMAGE_EXTENSIONS:
             loose.append(source)
         else:
             ignored += 1

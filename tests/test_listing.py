@@ -246,3 +246,12 @@ def test_a_listing_counts_its_files_and_prefixes_as_it_goes(archive: Path, s3, b
     assert on_disk == ListingProgress(files=files)  # on disk, folder by folder
     # three prefixes at the top, so the 18 a level down are listed apart: 16 days, loose/.thumbnails and _temporary/0
     assert in_store == ListingProgress(files=files, prefixes=18, prefixes_listed=18)
+
+
+@pytest.mark.parametrize(
+    "path, suffix",
+    [("s3://b/in/a.JPG", ".jpg"), ("in/photo.jpeg", ".jpeg"), ("in/x.tar.gz", ".gz"), ("in/x.TAR", ".tar"),
+     ("in/dir.d/photo", ""), ("in/noext", ""), ("in/x.", "."), ("member.jfif", ".jfif")],
+)  # fmt: skip
+def test_a_file_is_known_by_its_extension_in_any_case(path: str, suffix: str) -> None:
+    assert listing_module.extension(path) == suffix
