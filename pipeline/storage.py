@@ -168,10 +168,16 @@ def _read_listing(operation_model: Any, response_dict: dict, customized_response
 
 
 _XmlReader = Callable[[ElementTree.Element], Any]
+
+
+def _read_integer(node: ElementTree.Element) -> int:
+    return int(node.text or "")
+
+
 _SCALAR_READERS: dict[str, _XmlReader] = {
     "string": lambda node: node.text or "",
-    "integer": lambda node: int(node.text or ""),
-    "long": lambda node: int(node.text or ""),
+    "integer": _read_integer,
+    "long": _read_integer,
     "boolean": lambda node: node.text == "true",
     "timestamp": lambda node: _iso_timestamp(node.text or ""),
 }

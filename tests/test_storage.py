@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import socket
 
+import botocore.model
 import botocore.parsers
 import botocore.session
 import fsspec
@@ -121,6 +122,11 @@ def test_the_listing_client_gives_the_same_infos_and_keeps_the_settings(s3, buck
         fs.find(path)
 
 
+def _s3_operation(name: str) -> botocore.model.OperationModel:
+    """Botocore's model of the S3 operation ``name``, from the files botocore ships."""
+    return botocore.session.get_session().get_service_model("s3").operation_model(name)
+
+
 _LISTING = b"""<?xml version="1.0" encoding="UTF-8"?>
 <ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>archive</Name><Prefix>in/</Prefix>
 <ContinuationToken>one</ContinuationToken><NextContinuationToken>two</NextContinuationToken><StartAfter>in/a</StartAfter>
@@ -146,7 +152,7 @@ _LISTING = b"""<?xml version="1.0" encoding="UTF-8"?>
     ],
 )
 def test_the_listing_client_reads_every_field_of_a_listing_as_botocore_does(body: bytes) -> None:
-    operation = botocore.session.get_session().get_service_model("s3").operation_model("ListObjectsV2")
+    operation = _s3_operation("ListObjectsV2")
     parser = botocore.parsers.RestXMLParser(timestamp_parser=storage._iso_timestamp)
     answer = {"status_code": 200, "headers": {"x-amz-request-charged": "requester"}, "body": body}
     expected = parser.parse(dict(answer), operation.output_shape)
@@ -167,21 +173,20 @@ def test_the_listing_client_reads_every_field_of_a_listing_as_botocore_does(body
     ],
 )
 def test_the_listing_client_leaves_anything_but_a_listing_to_botocore(status: int, body: bytes) -> None:
-    operation = botocore.session.get_session().get_service_model("s3").operation_model("ListObjectsV2")
+    operation = _s3_operation("ListObjectsV2")
     answer, fields = {"status_code": status, "headers": {}, "body": body}, {}
     storage._read_listing(operation_model=operation, response_dict=answer, customized_response_dict=fields)
     assert answer == {"status_code": status, "headers": {}, "body": body} and fields == {}
 
 
 def test_the_listing_reader_declines_what_it_does_not_read_as_botocore_does() -> None:
-    s3_model = botocore.session.get_session().get_service_model("s3")
-    assert storage._xml_reader(s3_model.operation_model("ListObjectsV2").output_shape) is not None
-    assert storage._xml_reader(s3_model.operation_model("ListBuckets").output_shape) is None  # a wrapped list: botocore's
+    assert storage._xml_reader(_s3_operation("ListObjectsV2").output_shape) is not None
+    assert storage._xml_reader(_s3_operation("ListBuckets").output_shape) is None  # a wrapped list: botocore's
 
 
 @pytest.mark.parametrize("body", [_LISTING, _LISTING[:100]])
 def test_reading_a_listing_leaves_the_garbage_collector_as_it_found_it(body: bytes) -> None:
-    operation = botocore.session.get_session().get_service_model("s3").operation_model("ListObjectsV2")
+    operation = _s3_operation("ListObjectsV2")
     try:
         for enabled in (True, False):
             gc.enable() if enabled else gc.disable()
