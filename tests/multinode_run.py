@@ -3,7 +3,9 @@ nodes on this machine (``ray.cluster_utils.Cluster``). One segpipe run loses its
 process, a second loses a whole worker node, each once three shards are written; then a clean
 run follows on the surviving nodes. Every run plans its CPU actors as segpipe does by default
 (one on each of the largest nodes: once, a single actor asked for the whole cluster's CPUs less
-one, which no node had, and waited forever).
+one, which no node had, and waited forever). The runs' 16 shards reach Ray Data in 4 blocks of
+4, as a run of 4,096 or more shards reaches it in blocks of several, so that losing a node loses
+read tasks part-way through their shards.
 
 Usage: ``python tests/multinode_run.py ARCHIVE OUTPUT``; writes the runs under
 ``OUTPUT/{actor_killed,node_lost,clean}`` and prints a line ``RESULT {json}`` with the actors
@@ -25,6 +27,7 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
+import jobs.run
 from jobs.run import _plan_actors, run
 from pipeline.config import RunConfig
 
@@ -78,6 +81,7 @@ def main(archive: str, output: Path) -> None:
         for pid in model_actor_pids():
             os.kill(pid, signal.SIGKILL)
 
+    jobs.run._INPUT_BLOCKS = 4
     report = {"plan": _plan_actors(RunConfig(output=str(output / "plan"), **settings))}
     for name, fault in (("actor_killed", kill_the_model_actors), ("node_lost", lambda: cluster.remove_node(workers[0]))):
         manifest, struck_at = run_with_fault(RunConfig(output=str(output / name), **settings), fault)

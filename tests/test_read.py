@@ -8,7 +8,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
+import jobs.run
+from jobs.run import shard_input
 from jobs.sample import damaged_copies, encode, photos, tar_of
 from pipeline.listing import list_shards
 from pipeline.read import image_id, largest_image_bytes, read_image_bytes, read_shards
@@ -180,3 +183,18 @@ def test_an_image_column_of_another_type_names_its_type_and_large_binary_is_read
     assert "holds string, not image bytes" in paths[0]["error_message"] and "--image-column" in paths[0]["error_message"]
     assert no_bytes[0]["error_type"] == "missing_image_column" and "holds struct<path: string>" in no_bytes[0]["error_message"]
     assert large[0]["data"] == JPEG and large[0]["error_type"] is None
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_shards_grouped_into_input_blocks_leave_the_read_stage_one_per_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # as a run of 8,192 shards or more reaches Ray Data: blocks of 8, each read into 8 blocks of one shard for the actors
+    for number in range(40):
+        (tmp_path / f"{number:02d}.jpg").write_bytes(JPEG)
+    shards = list_shards(str(tmp_path), files_per_shard=1).shards
+    monkeypatch.setattr(jobs.run, "_INPUT_BLOCKS", 5)
+    dataset = shard_input(shards)
+    assert dataset.num_blocks() == 5
+    read = dataset.map_batches(read_shards, batch_size=1, batch_format="pyarrow", fn_kwargs={"image_column": "image"}).materialize()
+    blocks = [ray.get(ref) for ref in read.to_arrow_refs()]
+    assert [block.num_rows for block in blocks] == [1] * 40
+    assert sorted(block["shard_id"][0].as_py() for block in blocks) == sorted(shard.shard_id for shard in shards)
