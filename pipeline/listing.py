@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import os
 import posixpath
 import tarfile
 import threading
@@ -30,11 +31,12 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import InputError
-from pipeline.storage import display_uri, is_transient, listing_filesystem, retrying
+from pipeline.storage import display_uri, gc_paused, is_transient, listing_filesystem, retrying
 
 PREFIXES_LISTED_APART = 64
 """The most prefixes under an input that are listed in threads of their own (see :func:`files_under`)."""
 _LISTING_THREADS = 16
+_LOCAL_URI_PREFIX = "file://"
 _PAGE_KEYS = 1000
 """Keys per S3 listing request: the most that S3 gives."""
 _PAGES_SPLIT_OFF = 8
@@ -241,7 +243,7 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgr
         return counted(sources(infos)), [name for name in names if name.rstrip("/") != prefix.rstrip("/")]
 
     if isinstance(fs, LocalFileSystem):
-        return [source for _, _, files in fs.walk(root, detail=True) for source in counted(sources(files.values()))]
+        return _local_files(root, counted)
     found, prefixes = level(root)
     if too_many(prefixes):
         progress.files = 0  # the top level's files are listed again, with the rest
@@ -260,6 +262,46 @@ def files_under(fs: fsspec.AbstractFileSystem, root: str, progress: ListingProgr
             found += counted(listed.result())
             progress.prefixes_listed += 1
         return found
+
+
+def _local_files(root: str, counted: Callable[[list[Source]], list[Source]]) -> list[Source]:
+    """The files under the local folder ``root`` (``counted`` folder by folder), as fsspec's
+    ``LocalFileSystem.walk`` gives them, from ``os.scandir``'s entries: fsspec made each an info
+    dict of a dozen fields and normalised its path twice, 8 of the 13 us per file that the listing
+    took on this repository's CPU. Equal to fsspec's: anything but a folder is a file; a symbolic
+    link is never followed into a folder, its size is its target's (0 where the target is gone)
+    and its version the link's own mtime; a folder that cannot be listed, or is gone, is left out
+    (``root`` itself too, which the caller then asks about as a file)."""
+    found: list[Source] = []
+    folders = [root]
+    while folders:
+        files = []
+        try:
+            with gc_paused(), os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif (source := _local_source(entry)) is not None:
+                        files.append(source)
+        except OSError:
+            continue
+        found += counted(files)
+    return found
+
+
+def _local_source(entry: os.DirEntry) -> Source | None:
+    """``entry``'s record, ``None`` where it is gone."""
+    try:
+        status = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    size = status.st_size
+    if entry.is_symlink():
+        try:
+            size = entry.stat().st_size
+        except OSError:
+            size = 0
+    return Source(uri=_LOCAL_URI_PREFIX + entry.path, size=size, version=str(status.st_mtime))
 
 
 def _s3_keys_per_prefix_are_many(fs: fsspec.AbstractFileSystem, prefixes: list[str]) -> bool:

@@ -25,7 +25,8 @@ import random
 import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import fsspec
@@ -152,16 +153,26 @@ def _read_listing(operation_model: Any, response_dict: dict, customized_response
     imported torch and Ray, took half of the listing's CPU time."""
     if operation_model.name != "ListObjectsV2" or response_dict["status_code"] != 200 or not response_dict["body"]:
         return
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        root = ElementTree.fromstring(response_dict["body"])
+    with gc_paused():
+        try:
+            root = ElementTree.fromstring(response_dict["body"])
+        except ElementTree.ParseError:
+            return
         read = _xml_reader(operation_model.output_shape)
         if _local_name(root) == "ListBucketResult" and read is not None:
             customized_response_dict.update(read(root))
             response_dict["body"] = b""
-    except ElementTree.ParseError:
-        return
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused, and left on or off as it was found: for a burst
+    of many short-lived or new objects (a listing's), each of which would count towards a pass
+    over every object of the process (about 440,000 in a driver that has imported torch and Ray)."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
     finally:
         if collecting:
             gc.enable()

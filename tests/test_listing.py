@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 import threading
 import time
@@ -114,6 +115,27 @@ def test_only_folders_below_the_input_can_hide_it(archive: Path) -> None:
     assert [len(shard.sources) for shard in listing.shards] == [4, 2] and listing.ignored_files == 4
     assert list_shards(str(archive / "_staging" / "00.jpg"), files_per_shard=4).ignored_files == 0
     assert list_shards(str(archive / "_staging" / ".hidden.jpg"), files_per_shard=4).ignored_files == 1
+
+
+def test_a_local_folder_lists_as_fsspecs_walk_lists_it_links_and_all(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    # shard ids and --incremental's keys hash each file's uri, size and version: they must not change with the listing's code
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "target.jpg").write_bytes(b"x" * 1234)
+    (archive / "loose" / "link.jpg").symlink_to(elsewhere / "target.jpg")
+    (archive / "loose" / "broken.jpg").symlink_to(elsewhere / "gone.jpg")
+    (archive / "folder-link").symlink_to(elsewhere, target_is_directory=True)
+    (archive / "deep" / "er" / "est").mkdir(parents=True)
+    (archive / "deep" / "er" / "est" / "ünïcode name #1.jpg").write_bytes(b"y")
+    (archive / "deep" / "empty").mkdir()
+    os.mkfifo(archive / "deep" / "pipe.jpg")
+    fs, root = listing_filesystem(str(archive))
+    fsspecs = [listing_module._source(fs, info) for _, _, files in fs.walk(root, detail=True) for info in files.values()]
+    listed = files_under(fs, root)
+    assert sorted(listed, key=lambda source: source.uri) == sorted(fsspecs, key=lambda source: source.uri)
+    by_name = {source.uri.rsplit("/", 1)[1]: source for source in listed}
+    assert by_name["link.jpg"].size == 1234 and by_name["broken.jpg"].size == 0 and "target.jpg" not in by_name
+    assert {"folder-link", "pipe.jpg", "ünïcode name #1.jpg"} <= by_name.keys()
+    assert files_under(fs, root + "/a.tar") == files_under(fs, root + "/nope") == []  # the caller asks about a file itself
 
 
 def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
