@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import datetime
 import errno
-import gc
 import logging
 import os
 import random
 import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
@@ -145,37 +143,18 @@ def _read_listing(operation_model: Any, response_dict: dict, customized_response
     """Botocore's ``before-parse`` handler for S3's ListObjectsV2: where the answer is a listing,
     its fields as botocore's parser would give them go to ``customized_response_dict`` and the
     body is emptied, which leaves botocore nothing to parse. Anything else (an error, a body cut
-    short) is left to botocore, which retries it.
-
-    Python's cyclic garbage collector is paused while a page is read. The page's XML tree (7,000
-    elements per 1,000 keys) lives only that long, but each of its elements counts towards the
-    collector's next pass, and the passes it set off, over every object of a driver that has
-    imported torch and Ray, took half of the listing's CPU time."""
+    short) is left to botocore, which retries it. (:func:`pipeline.listing.files_under`, which
+    makes every listing, pauses Python's garbage collector's passes over the whole process meanwhile.)"""
     if operation_model.name != "ListObjectsV2" or response_dict["status_code"] != 200 or not response_dict["body"]:
         return
-    with gc_paused():
-        try:
-            root = ElementTree.fromstring(response_dict["body"])
-        except ElementTree.ParseError:
-            return
-        read = _xml_reader(operation_model.output_shape)
-        if _local_name(root) == "ListBucketResult" and read is not None:
-            customized_response_dict.update(read(root))
-            response_dict["body"] = b""
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused, and left on or off as it was found: for a burst
-    of many short-lived or new objects (a listing's), each of which would count towards a pass
-    over every object of the process (about 440,000 in a driver that has imported torch and Ray)."""
-    collecting = gc.isenabled()
-    gc.disable()
     try:
-        yield
-    finally:
-        if collecting:
-            gc.enable()
+        root = ElementTree.fromstring(response_dict["body"])
+    except ElementTree.ParseError:
+        return
+    read = _xml_reader(operation_model.output_shape)
+    if _local_name(root) == "ListBucketResult" and read is not None:
+        customized_response_dict.update(read(root))
+        response_dict["body"] = b""
 
 
 _XmlReader = Callable[[ElementTree.Element], Any]

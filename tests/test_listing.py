@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import os
@@ -10,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -136,6 +138,19 @@ def test_a_local_folder_lists_as_fsspecs_walk_lists_it_links_and_all(archive: Pa
     assert by_name["link.jpg"].size == 1234 and by_name["broken.jpg"].size == 0 and "target.jpg" not in by_name
     assert {"folder-link", "pipe.jpg", "ünïcode name #1.jpg"} <= by_name.keys()
     assert files_under(fs, root + "/a.tar") == files_under(fs, root + "/nope") == []  # the caller asks about a file itself
+
+
+def test_a_listing_leaves_the_garbage_collector_as_it_found_it(archive: Path) -> None:
+    memory = fsspec.filesystem("memory")
+    try:
+        for enabled in (True, False):
+            gc.enable() if enabled else gc.disable()
+            assert len(files_under(*listing_filesystem(str(archive)))) == 13
+            with pytest.raises(FileNotFoundError):
+                files_under(memory, "/nowhere")
+            assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
 
 
 def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:

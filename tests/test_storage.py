@@ -3,7 +3,6 @@ store that stays down ends in one clear StorageUnavailable error."""
 
 from __future__ import annotations
 
-import gc
 import socket
 
 import botocore.model
@@ -182,16 +181,3 @@ def test_the_listing_client_leaves_anything_but_a_listing_to_botocore(status: in
 def test_the_listing_reader_declines_what_it_does_not_read_as_botocore_does() -> None:
     assert storage._xml_reader(_s3_operation("ListObjectsV2").output_shape) is not None
     assert storage._xml_reader(_s3_operation("ListBuckets").output_shape) is None  # a wrapped list: botocore's
-
-
-@pytest.mark.parametrize("body", [_LISTING, _LISTING[:100]])
-def test_reading_a_listing_leaves_the_garbage_collector_as_it_found_it(body: bytes) -> None:
-    operation = _s3_operation("ListObjectsV2")
-    try:
-        for enabled in (True, False):
-            gc.enable() if enabled else gc.disable()
-            storage._read_listing(operation_model=operation, response_dict={"status_code": 200, "headers": {}, "body": body},
-                                  customized_response_dict={})  # fmt: skip
-            assert gc.isenabled() is enabled
-    finally:
-        gc.enable()
