@@ -12,6 +12,7 @@ the loose files are grouped.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import gc
 import hashlib
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import fsspec
+import fsspec.asyn
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -400,38 +402,45 @@ def _s3_level(fs: fsspec.AbstractFileSystem, path: str, counted: Callable[[list[
     found: list[Source] = []
     folders: set[str] = set()
 
-    def page(part: _KeyRange) -> dict:
+    def listing_page(part: _KeyRange) -> asyncio.Task:
         start = {"ContinuationToken": part.token} if part.token else {"StartAfter": part.after} if part.after else {}
-        return fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=_PAGE_KEYS, **start)
+        request = fs._call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/", MaxKeys=_PAGE_KEYS, **start)
+        return asyncio.ensure_future(request)
 
-    with ThreadPoolExecutor(max_workers=_LISTING_THREADS) as pool:
-        under_way = {pool.submit(page, first := _KeyRange()): first}
-        while under_way:
-            done, _ = wait(under_way, return_when=FIRST_COMPLETED)
-            for answer_of in done:
-                part, answer = under_way.pop(answer_of), answer_of.result()
-                contents = answer.get("Contents", [])
-                keys = [content["Key"] for content in contents]
-                folder_keys = [common["Prefix"] for common in answer.get("CommonPrefixes", [])]
-                folder_names = [folder.rstrip("/") for folder in folder_keys]
-                found += counted([
-                    Source(uri=bucket_uri + key, size=content["Size"], version=_version(content))
-                    for key, content in zip(keys, contents) if part.holds(key)
-                ])  # fmt: skip
-                # a folder has no lower bound: S3 can give folder q/ to the range after the one that holds the name q
-                folders.update(name for name in folder_names if part.reaches(name))
-                names = keys + folder_names
-                if not answer.get("IsTruncated") or not all(map(part.reaches, names)):
-                    continue
-                part.token = answer["NextContinuationToken"]
-                if names and len(under_way) + 1 < _LISTING_THREADS:
-                    letters = "".join(names).replace(prefix, "").replace("/", "")
-                    split = _split_key(min(names), max(keys + folder_keys), part.until, prefix, letters)
-                    if split is not None:
-                        upper = _KeyRange(after=split, until=part.until)
-                        under_way[pool.submit(page, upper)] = upper
-                        part.until = split
-                under_way[pool.submit(page, part)] = part
+    async def list_ranges() -> None:
+        under_way = {listing_page(first := _KeyRange()): first}
+        try:
+            while under_way:
+                done, _ = await asyncio.wait(under_way, return_when=asyncio.FIRST_COMPLETED)
+                for answer_of in done:
+                    part, answer = under_way.pop(answer_of), answer_of.result()
+                    contents = answer.get("Contents", [])
+                    keys = [content["Key"] for content in contents]
+                    folder_keys = [common["Prefix"] for common in answer.get("CommonPrefixes", [])]
+                    folder_names = [folder.rstrip("/") for folder in folder_keys]
+                    found.extend(counted([
+                        Source(uri=bucket_uri + key, size=content["Size"], version=_version(content))
+                        for key, content in zip(keys, contents) if part.holds(key)
+                    ]))  # fmt: skip
+                    # a folder has no lower bound: S3 can give folder q/ to the range after the one that holds the name q
+                    folders.update(name for name in folder_names if part.reaches(name))
+                    names = keys + folder_names
+                    if not answer.get("IsTruncated") or not all(map(part.reaches, names)):
+                        continue
+                    part.token = answer["NextContinuationToken"]
+                    if names and len(under_way) + 1 < _LISTING_THREADS:
+                        letters = "".join(names).replace(prefix, "").replace("/", "")
+                        split = _split_key(min(names), max(keys + folder_keys), part.until, prefix, letters)
+                        if split is not None:
+                            upper = _KeyRange(after=split, until=part.until)
+                            under_way[listing_page(upper)] = upper
+                            part.until = split
+                    under_way[listing_page(part)] = part
+        finally:
+            for request in under_way:  # after an error: the other ranges' requests stop with it
+                request.cancel()
+
+    fsspec.asyn.sync(fs.loop, list_ranges)
     return found, sorted(f"{bucket}/{folder}" for folder in folders if folder != prefix.rstrip("/"))
 
 
