@@ -144,7 +144,7 @@ def _read_listing(operation_model: Any, response_dict: dict, customized_response
     its fields as botocore's parser would give them go to ``customized_response_dict`` and the
     body is emptied, which leaves botocore nothing to parse. Anything else (an error, a body cut
     short) is left to botocore, which retries it. (:func:`pipeline.listing.files_under`, which
-    makes every listing, pauses Python's garbage collector's passes over the whole process meanwhile.)"""
+    makes every listing, leaves Python's garbage collector only young passes meanwhile.)"""
     if operation_model.name != "ListObjectsV2" or response_dict["status_code"] != 200 or not response_dict["body"]:
         return
     try:
