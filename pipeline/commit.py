@@ -52,7 +52,7 @@ def write_sources(output: str, run_id: str, shards: list[Shard], images_per_shar
     A loose file holds one image; a tar or Parquet file holds its shard's images. Containers
     cut short by ``--limit`` were not processed completely and are left out."""
     rows = [
-        {**vars(source), "shard_id": shard.shard_id, "images": 1 if shard.kind == "files" else images_per_shard[shard.shard_id]}
+        {**source.as_dict(), "shard_id": shard.shard_id, "images": 1 if shard.kind == "files" else images_per_shard[shard.shard_id]}
         for shard in shards
         if shard.max_images is None
         for source in shard.sources

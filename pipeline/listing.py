@@ -53,13 +53,18 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp",
 ShardKind = Literal["files", "tar", "parquet"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Source:
-    """One listed object: its full URI, size in bytes and version (ETag or mtime)."""
+    """One listed object: its full URI, size in bytes and version (ETag or mtime). Without an
+    instance dict (a run holds one per listed file, millions of them)."""
 
     uri: str
     size: int
     version: str
+
+    def as_dict(self) -> dict[str, str | int]:
+        """The fields by name, for JSON and Arrow rows."""
+        return {"uri": self.uri, "size": self.size, "version": self.version}
 
     @property
     def key(self) -> str:
@@ -75,8 +80,8 @@ class Shard:
     max_images: int | None = None
 
     def to_json(self) -> str:
-        # vars, not dataclasses.asdict, which deep-copies every source: three times as fast over a long listing
-        return json.dumps({**vars(self), "sources": [vars(source) for source in self.sources]}, sort_keys=True)
+        # not dataclasses.asdict, which deep-copies every source: three times as fast over a long listing
+        return json.dumps({**vars(self), "sources": [source.as_dict() for source in self.sources]}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Shard:
