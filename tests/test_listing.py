@@ -20,7 +20,7 @@ from benchmarks.storage import delaying_proxy
 from jobs.sample import encode, photos
 from pipeline.errors import InputError
 import pipeline.listing as listing_module
-from pipeline.listing import ListingProgress, ProcessedSources, files_under, list_shards
+from pipeline.listing import ListingProgress, ProcessedSources, Shard, files_under, list_shards
 from pipeline.storage import listing_filesystem
 
 
@@ -94,6 +94,7 @@ def test_limit_takes_the_first_images(archive: Path) -> None:
     limited = list_shards(str(archive), files_per_shard=4, limit=8).shards
     assert [s.kind for s in limited] == ["files", "files", "tar"]
     assert limited[2].max_images == 2  # 6 loose files, then 2 of the tar's 3 images
+    assert [Shard.from_json(shard.to_json()) for shard in limited] == limited  # as the read tasks get them
     assert list_shards(str(archive), files_per_shard=4, limit=9).shards[2].max_images is None
 
 
