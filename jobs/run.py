@@ -50,7 +50,7 @@ _CHECK_THREADS = 16
 _SHARDS_PER_GPU = 4
 """Shards that the default pool works on at once on each GPU: four actors, or fewer with threads."""
 _INPUT_BLOCKS = 1024
-"""Ray Data input blocks that a run's shards are grouped into, one shard per block up to this many shards."""
+"""Ray Data input blocks that a run of twice as many shards or more is grouped into (about; fewer shards: one per block)."""
 _MOST_SHARDS_PER_BLOCK = 8
 _GPU_POLL_SECONDS = 2.0
 _GPU_PROGRESS_SECONDS = 30.0
