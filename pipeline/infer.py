@@ -106,6 +106,11 @@ class LoadedModel:
     """Most decoded pixels per batch known to fit on the device, once a batch has run out of memory."""
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on: more torch threads than those would only take turns."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _process_started_at() -> float | None:
     """When this process started, as a ``time.time()``, from Linux's ``/proc`` (to a clock tick);
     ``None`` where there is no ``/proc``."""
@@ -143,16 +148,26 @@ class SegmentShards:
     With ``threads_per_actor`` above 1, Ray calls the actor from that many threads at once: each
     works on its own shard, on a CUDA stream of its own, so that one thread's host work and its
     waits for its results overlap the others' kernels inside one process and one copy of the
-    models, where separate actors would time-share the GPU between their processes."""
+    models, where separate actors would time-share the GPU between their processes.
+
+    On CPUs, torch runs on ``cpu_threads`` threads (by default, the CPUs Ray assigned the actor),
+    at most the CPUs the process may run on."""
 
     def __init__(
-        self, *, configs: list[RunConfig], run_ids: list[str], device: str, weights: list[ray.ObjectRef], pipeline_started_at: float
+        self,
+        *,
+        configs: list[RunConfig],
+        run_ids: list[str],
+        device: str,
+        weights: list[ray.ObjectRef],
+        pipeline_started_at: float,
+        cpu_threads: int | None = None,
     ) -> None:
         started = time.perf_counter()
         self.device = torch.device(device)
         assigned = ray.get_runtime_context().get_assigned_resources()
         if self.device.type == "cpu":
-            torch.set_num_threads(max(1, round(assigned.get("CPU", 1))))
+            torch.set_num_threads(min(cpu_threads or max(1, round(assigned.get("CPU", 1))), _usable_cpus()))
         else:
             torch.backends.cudnn.benchmark = True  # a kernel search per batch shape, repaid where shapes recur
             gpu_share = assigned.get("GPU", 1.0)

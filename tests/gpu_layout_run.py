@@ -16,6 +16,7 @@ Usage: ``python tests/gpu_layout_run.py SCENARIO ARCHIVE OUTPUT``; prints a line
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import sys
@@ -37,14 +38,14 @@ planned: dict[int, tuple[int, dict]] = {}
 
 
 def _plan_for_gpus_on_this_cpu() -> None:
-    plan_for_gpus = run_module._plan_actors
+    plan_for_gpus = run_module.plan_actors
 
-    def plan_on_this_cpu(config: RunConfig) -> tuple[str, int, dict]:
-        _, actors, resources = plan_for_gpus(config.model_copy(update={"device": "cuda"}))
-        planned[config.threads_per_actor] = (actors, resources)
-        return "cpu", actors, resources
+    def plan_on_this_cpu(config: RunConfig) -> run_module.ActorPlan:
+        plan = plan_for_gpus(config.model_copy(update={"device": "cuda"}))
+        planned[config.threads_per_actor] = (plan.actors, plan.resources)
+        return dataclasses.replace(plan, device="cpu")
 
-    run_module._plan_actors = plan_on_this_cpu
+    run_module.plan_actors = plan_on_this_cpu
 
 
 def _config(archive: Path, output: Path, **settings: object) -> RunConfig:

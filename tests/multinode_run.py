@@ -14,6 +14,7 @@ planned on the whole cluster, the shards written when each fault struck and each
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -28,7 +29,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 import jobs.run
-from jobs.run import _plan_actors, run
+from jobs.run import plan_actors, run
 from pipeline.config import RunConfig
 
 
@@ -82,7 +83,7 @@ def main(archive: str, output: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
     jobs.run._INPUT_BLOCKS = 4
-    report = {"plan": _plan_actors(RunConfig(output=str(output / "plan"), **settings))}
+    report = {"plan": dataclasses.asdict(plan_actors(RunConfig(output=str(output / "plan"), **settings)))}
     for name, fault in (("actor_killed", kill_the_model_actors), ("node_lost", lambda: cluster.remove_node(workers[0]))):
         manifest, struck_at = run_with_fault(RunConfig(output=str(output / name), **settings), fault)
         report[name] = {"struck_at": struck_at, "counts": manifest["counts"]}

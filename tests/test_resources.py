@@ -2,7 +2,8 @@
 (tests/gpu_layout_run.py): on a small GPU node they leave the read, encode and write tasks room
 (four actors sharing the GPU of a node of 4 CPUs used to take every CPU between them, since an
 actor that names no CPUs gets one anyway, and the run waited forever for its first read); on a
-cluster whose GPU nodes scale from zero, ``--gpus`` asks the autoscaler for them and waits."""
+cluster whose GPU nodes scale from zero, ``--gpus`` asks the autoscaler for them and waits. On
+CPUs, an actor alone on its node runs torch on all of the node's CPUs."""
 
 from __future__ import annotations
 
@@ -10,11 +11,20 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import ray
+import torch
 
+from jobs.run import ActorPlan, plan_actors
 from jobs.sample import shape_pngs
+from models import get_model_spec, resolve_weights
+from pipeline.config import RunConfig
+from pipeline.infer import SegmentShards
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
 
 
 @pytest.fixture
@@ -57,3 +67,25 @@ def test_gpus_are_asked_of_the_autoscaler_and_waited_for(archive: Path, tmp_path
         assert actors == 1 and resources["num_gpus"] == 1  # planned on the GPU(s) that joined
     assert runs["one_joins"]["waited"] > 0
     assert runs["joins_while_listing"]["waited"] == 0  # the nodes' boot hid behind the listing
+
+
+class _TorchThreads(SegmentShards):
+    def torch_threads(self) -> int:
+        return torch.get_num_threads()
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_cpu_actor_alone_on_its_node_runs_torch_on_all_of_its_cpus(archive: Path, tmp_path: Path) -> None:
+    config = RunConfig(input=str(archive), output=str(tmp_path), model="unet", weights="shapes", device="cpu")
+    alone = plan_actors(config)  # the tests' Ray: one node of 3 CPUs
+    assert alone == ActorPlan("cpu", actors=1, resources={"num_cpus": 2.0}, cpu_threads=3)
+    # actors that share the nodes' CPUs run torch on their own share
+    assert plan_actors(config.model_copy(update={"actors": 2})) == ActorPlan("cpu", actors=2, resources={"num_cpus": 1.0}, cpu_threads=1)
+    weights = ray.put(resolve_weights(config.weights, get_model_spec(config.model)))
+    settings = {"configs": [config], "run_ids": ["test"], "device": "cpu", "weights": [weights], "pipeline_started_at": time.time()}
+    # the threads planned, whatever the CPUs the actor asked Ray for, but never more than the process may run on
+    usable = len(os.sched_getaffinity(0))
+    for cpu_threads, expected in ((2, min(2, usable)), (64, usable), (None, 1)):
+        actor = ray.remote(num_cpus=1)(_TorchThreads).remote(**settings, cpu_threads=cpu_threads)
+        assert ray.get(actor.torch_threads.remote()) == expected, cpu_threads
+        ray.kill(actor)
