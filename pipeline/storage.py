@@ -195,15 +195,20 @@ def _xml_reader(shape: Any) -> _XmlReader | None:
             return None
         members[tag] = (name, read, flattened)
 
+    by_tag: dict[str, tuple[str, _XmlReader, bool]] = {}  # the members by ElementTree's tags, namespaces and all, as met
+
     def structure(node: ElementTree.Element) -> dict[str, Any]:
         fields: dict[str, Any] = {}
         for child in node:
-            if (member := members.get(_local_name(child))) is not None:
-                name, read, flattened = member
-                if flattened:
-                    fields.setdefault(name, []).append(read(child))
-                else:
-                    fields.setdefault(name, read(child))
+            if (member := by_tag.get(child.tag)) is None:
+                if (member := members.get(_local_name(child))) is None:
+                    continue
+                by_tag[child.tag] = member
+            name, read, flattened = member
+            if flattened:
+                fields.setdefault(name, []).append(read(child))
+            else:
+                fields.setdefault(name, read(child))
         return fields
 
     return structure
