@@ -42,6 +42,10 @@ class Preprocessing:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
+    def __post_init__(self) -> None:
+        if self.std is not None and 0 in self.std:
+            raise ModelError(f"preprocessing std {list(self.std)} has a zero: the model input would be infinite")
+
     def resized(self, height: int, width: int) -> tuple[int, int]:
         """``(height, width)`` of an image after the shorter-side resize, computed as torchvision's
         ``resize`` computes it (the longer side rounded down)."""

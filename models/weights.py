@@ -175,8 +175,11 @@ def _sidecar(uri: str, model: ModelSpec, source: str) -> tuple[tuple[str, ...], 
     if card.get("model", model.name) != model.name:
         raise ModelError(f"weights {source} were trained for {card['model']}, not {model.name}")
     categories = tuple(card.get("categories", model.categories))
-    preprocessing = card.get("preprocessing")
-    return categories, Preprocessing.from_dict(preprocessing) if preprocessing else model.preprocessing
+    try:
+        preprocessing = Preprocessing.from_dict(card["preprocessing"]) if card.get("preprocessing") else model.preprocessing
+    except ModelError as error:
+        raise ModelError(f"the description {display_uri(sidecar_uri(uri))} of weights {source}: {error}") from None
+    return categories, preprocessing
 
 
 def _parse_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, from several
 threads at once too, the device's
 run finding, union areas and batched mask paste equal the host's and torchvision's, class maps
-equal float32 upsampling's but for ties, a threaded actor's network thread queues its kernels on
+equal float32 upsampling's but for ties, the semantic models' input is made without waiting for the
+device, a threaded actor's network thread queues its kernels on
 each caller's stream, an actor on half a GPU keeps to half its memory, and ``segpipe run`` on a
 GPU, with one thread per actor or several, accounts for every image with the CPU run's outcome
 and, with trained weights, its masks.
@@ -33,7 +34,7 @@ from models import get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.decode import decode_image, plain_rgb_jpeg
 from pipeline.encode import map_runs, summarize_detections
-from pipeline.infer import OneNetworkThread, SegmentShards, class_maps, predict_detections, upsampled_class_maps
+from pipeline.infer import OneNetworkThread, SegmentShards, class_maps, model_input, predict_detections, upsampled_class_maps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
@@ -74,6 +75,19 @@ def test_nvjpeg_in_four_threads_at_once_on_their_own_streams_decodes_what_pillow
         for window in threads.map(decode_window, range(12)):
             for data, pixels in window:
                 _assert_pillows_pixels(pixels, data)
+
+
+def test_model_input_on_the_gpu_waits_for_nothing_and_equals_the_hosts() -> None:
+    preprocessing = get_model_spec("lraspp_mobilenet_v3_large").preprocessing
+    batch = torch.stack([torch.from_numpy(photos()["chelsea"]).permute(2, 0, 1)] * 4)
+    on_device = batch.cuda()
+    model_input(on_device, preprocessing)  # the mean and deviation's first copy to the device waits for it, once
+    torch.cuda.set_sync_debug_mode("error")  # any wait for the device raises
+    try:
+        on_device = model_input(on_device, preprocessing)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert (on_device.cpu() - model_input(batch, preprocessing)).abs().max() < 1e-4
 
 
 def test_runs_and_union_areas_on_the_gpu_equal_the_hosts() -> None:

@@ -39,6 +39,7 @@ from pipeline.infer import (
     compile_network,
     execution,
     fold_batch_norms,
+    model_input,
     predict_class_maps,
     upsampled_class_maps,
 )
@@ -102,6 +103,13 @@ def _rows(out: pa.Table, weights: Weights) -> tuple[list[dict], list[dict]]:
     """The ``images`` and ``masks`` rows of the actor's row for one shard."""
     out = encode_shards(out, categories={"test": weights.categories})
     return unnest(out.column("images")[0], IMAGES_SCHEMA).to_pylist(), unnest(out.column("masks")[0], MASKS_SCHEMA).to_pylist()
+
+
+def test_semantic_model_input_equals_torchvisions_preset_transforms() -> None:
+    spec = get_model_spec("lraspp_mobilenet_v3_large")
+    batch = torch.stack([torch.from_numpy(photos()["chelsea"]).permute(2, 0, 1)] * 2)
+    with torch.inference_mode():
+        assert torch.equal(model_input(batch, spec.preprocessing), spec.torchvision_weights.DEFAULT.transforms()(batch))
 
 
 def test_out_of_memory_splits_the_batch_down_to_one_image_and_later_batches_fit(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
@@ -118,6 +119,13 @@ def test_a_wrong_sha256_pin_is_refused(saved: dict[str, Path]) -> None:
 def test_weights_of_another_model_are_refused(saved: dict[str, Path]) -> None:
     with pytest.raises(ModelError, match="do not fit deeplabv3_resnet50"):
         resolve_weights(str(saved["pt"]), get_model_spec("deeplabv3_resnet50"))
+
+
+def test_a_description_whose_std_has_a_zero_is_refused_naming_it(saved: dict[str, Path]) -> None:
+    card = {"model": SMALL, "preprocessing": {"resize_shorter": 64, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.0, 0.2]}}
+    saved["safetensors"].with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelError, match=r"model\.json of weights .*std \[0\.2, 0\.0, 0\.2\] has a zero"):
+        resolve_weights(str(saved["safetensors"]), get_model_spec(SMALL))
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
