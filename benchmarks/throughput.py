@@ -76,7 +76,7 @@ import torchvision.transforms.functional as tv_functional
 from torchcodec.decoders import decode_jpeg
 
 from benchmarks.corpus import CORPORA, parse_size
-from jobs.run import ensure_ray, run
+from jobs.run import ensure_ray, plan_actors, run
 from models import Preprocessing, get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.infer import (
@@ -251,7 +251,7 @@ class _ActorAlone(SegmentShards):
 def actor_only(directory: Path, model_name: str, weights: str, *, device: str, batch_size: int, settings: dict,
                profile: bool) -> dict:  # fmt: skip
     """Images/s of segpipe's model actor alone, in a Ray actor of its own (one GPU, or the CPUs
-    that segpipe's one CPU actor gets), on up to :data:`_ACTOR_ONLY_IMAGES` images whose shards
+    and torch threads that segpipe's one CPU actor gets), on up to :data:`_ACTOR_ONLY_IMAGES` images whose shards
     are already read into the object store, after one warm-up shard per thread (kernel searches,
     first allocations, compilation). ``profile`` prints PyTorch's profile of a second pass over a
     few shards."""
@@ -259,11 +259,13 @@ def actor_only(directory: Path, model_name: str, weights: str, *, device: str, b
                        device=device, batch_size=batch_size, run_date=dt.date(2026, 1, 1), **settings)  # fmt: skip
     shards = list_shards(config.input, files_per_shard=config.files_per_shard, limit=_ACTOR_ONLY_IMAGES).shards
     batches = [ray.put(read_shards(pa.table({"shard": [shard.to_json()]}), image_column=config.image_column)) for shard in shards]
+    cpu_threads = plan_actors(config.model_copy(update={"actors": None})).cpu_threads if device == "cpu" else None
     actor = (
         ray.remote(_ActorAlone)
         .options(max_concurrency=config.threads_per_actor, **_one_actor_resources(device))
         .remote(configs=[config], run_ids=["actor-only"], device=device,
-                weights=[ray.put(resolve_weights(weights, get_model_spec(model_name)))], pipeline_started_at=time.time())
+                weights=[ray.put(resolve_weights(weights, get_model_spec(model_name)))], pipeline_started_at=time.time(),
+                cpu_threads=cpu_threads)
     )  # fmt: skip
     ray.get([actor.segment.remote(batch) for batch in batches[: config.threads_per_actor]])
     started = time.perf_counter()
