@@ -532,7 +532,8 @@ def _normalization(preprocessing: Preprocessing, device: torch.device) -> tuple[
     batch's decoding and resizing) before the host can queue the network; it also copies the batch
     first, which on this repository's CPU made the normalisation 1.5x as long."""
     with torch.inference_mode(False):  # usable where gradients are recorded too (segpipe train)
-        return tuple(torch.tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1) for values in (preprocessing.mean, preprocessing.std))
+        mean, std = (torch.tensor(values, dtype=torch.float32, device=device) for values in (preprocessing.mean, preprocessing.std))
+        return mean.view(-1, 1, 1), std.view(-1, 1, 1)
 
 
 def upsampled_class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
