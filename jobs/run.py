@@ -222,8 +222,8 @@ def _run_together(plans: list[_Plan], ray_startup_seconds: float, gpus_asked_at:
     started, started_at = time.monotonic(), time.time()
     first_shard: tuple[float, dict] | None = None
     rows: dict[str, dict[str, dict]] = {plan.run_id: dict(plan.written) for plan in plans}
-    if todo:
-        actor_plan = plan_actors(plans[0].config)
+    actor_plan = plan_actors(plans[0].config) if todo else None
+    if actor_plan is not None:
         for plan in plans:
             resumed = f" ({len(plan.written)} already written by an interrupted attempt)" if plan.written else ""
             print(
@@ -245,16 +245,23 @@ def _run_together(plans: list[_Plan], ray_startup_seconds: float, gpus_asked_at:
         "first_shard_seconds": first_shard and round(first_shard[0], 3),
         "first_shard_stage_seconds": first_shard and _summed_stages([json.loads(first_shard[1]["stage_seconds"])]),
     }
-    return [_commit(plan, rows[plan.run_id], timings, [other.run_id for other in plans if other is not plan]) for plan in plans]
+    return [
+        _commit(plan, rows[plan.run_id], timings, actor_plan, [other.run_id for other in plans if other is not plan]) for plan in plans
+    ]
 
 
-def _commit(plan: _Plan, shard_rows: dict[str, dict], timings: dict, decoded_with: list[str]) -> dict:
+def _commit(
+    plan: _Plan, shard_rows: dict[str, dict], timings: dict, actor_plan: ActorPlan | None, decoded_with: list[str]
+) -> dict:
+    """Commits ``plan``'s run: its manifest, with this attempt's ``actor_plan`` (``None`` where
+    an interrupted attempt had written every shard) and the runs it shared its decoding with."""
     config, listing = plan.config, plan.listing
     remove_stale_shards(config.output, config.run_date, config.model, plan.run_id, keep={shard.shard_id for shard in listing.shards})
     manifest = _manifest(config, plan.run_id, plan.spec, plan.weights, listing.shards, shard_rows)
     manifest["ignored_files"] = listing.ignored_files
     manifest["resumed_shards"] = len(plan.written)
     manifest["decoded_with_runs"] = decoded_with
+    manifest["actors"] = actor_plan and asdict(actor_plan)
     manifest["skipped"] = {
         "files": listing.skipped_files,
         "images": listing.skipped_images,

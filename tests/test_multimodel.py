@@ -76,6 +76,7 @@ def test_a_spec_rerun_resumes_each_model_where_it_stopped(spec: Path, tmp_path: 
     printed = capsys.readouterr().out
     assert printed.count("is already committed; nothing to do") == 2
     assert again[2]["resumed_shards"] == 2 and again[2]["counts"] == first[2]["counts"]
+    assert again[2]["actors"] is None and first[2]["actors"]["device"] == "cpu"  # every shard was written: no actor ran this time
     assert again[:2] == first[:2]
 
 

@@ -66,6 +66,8 @@ def test_an_interrupted_run_resumes_with_only_the_missing_shards(archive: Path, 
     clean, interrupted = tmp_path / "clean", tmp_path / "interrupted"
     run(_config(archive, clean))
     first = run(_config(archive, interrupted))
+    # the tests' Ray: one node of 3 CPUs, of which the actor takes 2 and runs torch on all 3 (at most the machine's)
+    assert first["actors"] == {"device": "cpu", "actors": 1, "resources": {"num_cpus": 2.0}, "cpu_threads": 3}
     timings = first["timings"]
     assert set(timings["stage_seconds"]) == {"decode", "model", "tables", "encode", "write"} and timings["actor_startup_seconds"] > 0
     assert set(timings["first_shard_stage_seconds"]) == set(timings["stage_seconds"])
@@ -83,7 +85,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_shards(archive: Path, 
     lost = first["shards"][1]["files"]["images"].removeprefix("file://")
     Path(lost).unlink()
     resumed = run(_config(archive, interrupted))
-    assert resumed["resumed_shards"] == 3 and len(resumed["shards"]) == 4
+    assert resumed["resumed_shards"] == 3 and len(resumed["shards"]) == 4 and resumed["actors"] == first["actors"]
     assert resumed["counts"] == first["counts"]
     assert _tables(interrupted) == _tables(clean)
 
