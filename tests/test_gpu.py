@@ -77,17 +77,17 @@ def test_nvjpeg_in_four_threads_at_once_on_their_own_streams_decodes_what_pillow
                 _assert_pillows_pixels(pixels, data)
 
 
-def test_model_input_on_the_gpu_waits_for_nothing_and_equals_the_hosts() -> None:
-    preprocessing = get_model_spec("lraspp_mobilenet_v3_large").preprocessing
-    batch = torch.stack([torch.from_numpy(photos()["chelsea"]).permute(2, 0, 1)] * 4)
-    on_device = batch.cuda()
-    model_input(on_device, preprocessing)  # the mean and deviation's first copy to the device waits for it, once
+def test_model_input_on_the_gpu_waits_for_nothing_and_equals_torchvisions_preset_transforms() -> None:
+    spec = get_model_spec("lraspp_mobilenet_v3_large")
+    batch = torch.stack([torch.from_numpy(photos()["chelsea"]).permute(2, 0, 1)] * 4).cuda()
+    reference = spec.torchvision_weights.DEFAULT.transforms()(batch)
+    model_input(batch, spec.preprocessing)  # the mean and deviation's first copy to the device waits for it, once
     torch.cuda.set_sync_debug_mode("error")  # any wait for the device raises
     try:
-        on_device = model_input(on_device, preprocessing)
+        made = model_input(batch, spec.preprocessing)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert (on_device.cpu() - model_input(batch, preprocessing)).abs().max() < 1e-4
+    assert torch.equal(made, reference)
 
 
 def test_runs_and_union_areas_on_the_gpu_equal_the_hosts() -> None:
