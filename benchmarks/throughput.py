@@ -259,13 +259,14 @@ def actor_only(directory: Path, model_name: str, weights: str, *, device: str, b
                        device=device, batch_size=batch_size, run_date=dt.date(2026, 1, 1), **settings)  # fmt: skip
     shards = list_shards(config.input, files_per_shard=config.files_per_shard, limit=_ACTOR_ONLY_IMAGES).shards
     batches = [ray.put(read_shards(pa.table({"shard": [shard.to_json()]}), image_column=config.image_column)) for shard in shards]
-    cpu_threads = plan_actors(config.model_copy(update={"actors": None})).cpu_threads if device == "cpu" else None
+    # on CPUs, the resources and torch threads of segpipe's own one CPU actor
+    alone = plan_actors(config.model_copy(update={"actors": None})) if device == "cpu" else None
     actor = (
         ray.remote(_ActorAlone)
-        .options(max_concurrency=config.threads_per_actor, **_one_actor_resources(device))
+        .options(max_concurrency=config.threads_per_actor, **(alone.resources if alone else _one_actor_resources(device)))
         .remote(configs=[config], run_ids=["actor-only"], device=device,
                 weights=[ray.put(resolve_weights(weights, get_model_spec(model_name)))], pipeline_started_at=time.time(),
-                cpu_threads=cpu_threads)
+                cpu_threads=alone and alone.cpu_threads)
     )  # fmt: skip
     ray.get([actor.segment.remote(batch) for batch in batches[: config.threads_per_actor]])
     started = time.perf_counter()
