@@ -2,10 +2,11 @@
 # One call's worth of GPU work: the CUDA tests (tests/test_gpu.py), then issue 5's throughput
 # benchmarks on 1024x768 photo JPEGs. Run from the repository root on a machine with one CUDA
 # GPU, ray and segpipe importable; JSON results and logs go to $OUT (default bench-out/).
-# BENCHMARKS picks which run (default "deeplab lraspp maskrcnn"; also deeplab_8_actors,
-# deeplab_compiled, deeplab_compiled_threads, deeplab_cudagraphs, deeplab_profile,
-# lraspp_compiled_threads, lraspp_profile, and NAME_threads: one actor of four threads per GPU
-# instead of four actors, for each of the three); each has its own time limit
+# BENCHMARKS picks which run (default "deeplab lraspp maskrcnn", in segpipe's default layout: one
+# actor of four threads per GPU; also deeplab_8_actors, deeplab_compiled, deeplab_compiled_threads,
+# deeplab_cudagraphs, deeplab_profile, lraspp_compiled_threads, lraspp_profile, NAME_threads (four
+# threads named, with neither the baseline nor the variants) and NAME_actors (four actors of one
+# thread, as the default was until 2026-11-28), for each of the three); each has its own time limit
 # (*_SECONDS; TEST_SECONDS=0 skips the tests, TEST_SELECT runs only those that pytest's -k selects)
 # and image count (*_COUNT), so that one that overruns leaves the others their figures, and each
 # benchmark phase logs its figures as it ends. The defaults fill one 10-minute call. Counts are
@@ -74,30 +75,35 @@ for name in ${BENCHMARKS:-deeplab lraspp maskrcnn}; do
   case $name in
     # the baseline takes most of deeplab's time: it runs near 100 img/s
     deeplab) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 ;;
-    # eight actors on the GPU instead of four, no baseline
-    deeplab_8_actors) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --actors 8 ;;
+    # eight actors of one thread on the GPU, no baseline
+    deeplab_8_actors) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --actors 8 --threads-per-actor 1 ;;
+    # four actors of one thread, the default layout until 2026-11-28
+    deeplab_actors) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --threads-per-actor 1 ;;
+    lraspp_actors) bench "$name" "${LRASPP_SECONDS:-120}" lraspp_mobilenet_v3_large "${LRASPP_COUNT:-30000}" 32 64 --skip-baseline --threads-per-actor 1 ;;
+    maskrcnn_actors) bench "$name" "${MASKRCNN_SECONDS:-100}" maskrcnn_resnet50_fpn "${MASKRCNN_COUNT:-2400}" 8 32 --threads-per-actor 1 ;;
     # lraspp has no baseline target (75.7 img/s on 2026-11-26); leaving it out buys a long run
     lraspp) bench "$name" "${LRASPP_SECONDS:-120}" lraspp_mobilenet_v3_large "${LRASPP_COUNT:-30000}" 32 64 --skip-baseline ;;
-    # torch.compile: compiled model-only and segpipe run --compile (each actor compiles once);
-    # cudagraphs: the same in mode reduce-overhead (CUDA graphs)
-    deeplab_compiled) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile default ;;
-    deeplab_cudagraphs) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile reduce-overhead ;;
+    # torch.compile: compiled model-only and segpipe run --compile in four actors (each compiles
+    # once); cudagraphs: the same in mode reduce-overhead (CUDA graphs)
+    deeplab_compiled) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile default --threads-per-actor 1 ;;
+    deeplab_cudagraphs) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile reduce-overhead --threads-per-actor 1 ;;
     # compiled, in one actor of four threads: the layout that ran fastest eager once running
     deeplab_compiled_threads) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --compile default --threads-per-actor 4 ;;
     # lraspp's network alone (0.57 ms per image eager on the H100) leaves 0.1 ms per image for the rest at 1500 img/s
     lraspp_compiled_threads) bench "$name" "${LRASPP_SECONDS:-160}" lraspp_mobilenet_v3_large "${LRASPP_COUNT:-30000}" 32 64 --skip-baseline --compile default --threads-per-actor 4 ;;
     maskrcnn) bench "$name" "${MASKRCNN_SECONDS:-100}" maskrcnn_resnet50_fpn "${MASKRCNN_COUNT:-2400}" 8 32 ;;
-    # one actor working on four shards at once, in threads on CUDA streams of their own, instead of four actors
+    # one actor working on four shards at once, in threads on CUDA streams of their own (named; the default since 2026-11-28)
     deeplab_threads) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 "${DEEPLAB_COUNT:-8000}" 32 64 --skip-baseline --threads-per-actor 4 ;;
     # with the model variants and the actor alone, 30,000 images took more than 140 s on the H100
     lraspp_threads) bench "$name" "${LRASPP_SECONDS:-160}" lraspp_mobilenet_v3_large "${LRASPP_COUNT:-30000}" 32 64 --skip-baseline --threads-per-actor 4 ;;
-    # the actor alone on 2048 images (no Ray Data around it) and PyTorch's profile of it, in the log
-    deeplab_profile) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 2048 32 64 --skip-baseline --skip-variants --profile ;;
-    lraspp_profile) bench "$name" "${LRASPP_SECONDS:-120}" lraspp_mobilenet_v3_large 4096 32 64 --skip-baseline --skip-variants --profile ;;
+    # the actor alone on 2048 images (no Ray Data around it) and PyTorch's profile of it, in the log,
+    # on one thread (the profiler runs on the thread that calls it)
+    deeplab_profile) bench "$name" "${DEEPLAB_SECONDS:-240}" deeplabv3_resnet50 2048 32 64 --skip-baseline --skip-variants --profile --threads-per-actor 1 ;;
+    lraspp_profile) bench "$name" "${LRASPP_SECONDS:-120}" lraspp_mobilenet_v3_large 4096 32 64 --skip-baseline --skip-variants --profile --threads-per-actor 1 ;;
     # the runs that reach the targets end to end, where this call's *_threads figures say they can
     lraspp_long) long_bench "$name" lraspp_threads lraspp_mobilenet_v3_large 32 64 --target-ips 1500 ;;
     deeplab_long) long_bench "$name" deeplab_threads deeplabv3_resnet50 32 64 --target-model-ratio 0.9 ;;
     maskrcnn_threads) bench "$name" "${MASKRCNN_SECONDS:-100}" maskrcnn_resnet50_fpn "${MASKRCNN_COUNT:-2400}" 8 32 --threads-per-actor 4 ;;
-    *) echo "unknown benchmark $name (deeplab, deeplab_8_actors, deeplab_compiled, deeplab_compiled_threads, deeplab_cudagraphs, deeplab_long, deeplab_profile, deeplab_threads, lraspp, lraspp_compiled_threads, lraspp_long, lraspp_profile, lraspp_threads, maskrcnn, maskrcnn_threads)" ;;
+    *) echo "unknown benchmark $name (deeplab, deeplab_8_actors, deeplab_actors, deeplab_compiled, deeplab_compiled_threads, deeplab_cudagraphs, deeplab_long, deeplab_profile, deeplab_threads, lraspp, lraspp_actors, lraspp_compiled_threads, lraspp_long, lraspp_profile, lraspp_threads, maskrcnn, maskrcnn_actors, maskrcnn_threads)" ;;
   esac
 done

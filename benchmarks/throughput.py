@@ -35,7 +35,7 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
   mode, and the end-to-end run with ``segpipe run --compile MODE``;
 - with ``--actor-only``: segpipe's model actor alone (:class:`pipeline.infer.SegmentShards`),
   in a Ray actor of its own called on up to 2048 images whose shards are already read into the
-  object store, from as many threads as ``--threads-per-actor``: its decoding, model and
+  object store, from as many threads as segpipe's actor is called from: its decoding, model and
   post-processing without Ray Data, reading, encoding or writing. Between model-only and end-to-end, it says what the actor's
   own work costs beyond the network; ``--profile`` also prints PyTorch's profile of it (the
   operators and kernels that took the most device time, or host time on a CPU);
@@ -250,8 +250,8 @@ class _ActorAlone(SegmentShards):
 
 def actor_only(directory: Path, model_name: str, weights: str, *, device: str, batch_size: int, settings: dict,
                profile: bool) -> dict:  # fmt: skip
-    """Images/s of segpipe's model actor alone, in a Ray actor of its own (one GPU, or the CPUs
-    and torch threads that segpipe's one CPU actor gets), on up to :data:`_ACTOR_ONLY_IMAGES` images whose shards
+    """Images/s of segpipe's model actor alone, in a Ray actor of its own as segpipe plans one (a
+    GPU and its threads, or the CPUs and torch threads of segpipe's one CPU actor), on up to :data:`_ACTOR_ONLY_IMAGES` images whose shards
     are already read into the object store, after one warm-up shard per thread (kernel searches,
     first allocations, compilation). ``profile`` prints PyTorch's profile of a second pass over a
     few shards."""
@@ -259,28 +259,28 @@ def actor_only(directory: Path, model_name: str, weights: str, *, device: str, b
                        device=device, batch_size=batch_size, run_date=dt.date(2026, 1, 1), **settings)  # fmt: skip
     shards = list_shards(config.input, files_per_shard=config.files_per_shard, limit=_ACTOR_ONLY_IMAGES).shards
     batches = [ray.put(read_shards(pa.table({"shard": [shard.to_json()]}), image_column=config.image_column)) for shard in shards]
-    # on CPUs, the resources and torch threads of segpipe's own one CPU actor
-    alone = plan_actors(config.model_copy(update={"actors": None})) if device == "cpu" else None
+    # segpipe's own plan for one actor: its threads and resources, and on CPUs its torch threads
+    alone = plan_actors(config.model_copy(update={"actors": None if device == "cpu" else 1}))
     actor = (
         ray.remote(_ActorAlone)
-        .options(max_concurrency=config.threads_per_actor, **(alone.resources if alone else _one_actor_resources(device)))
+        .options(max_concurrency=alone.threads, **alone.resources)
         .remote(configs=[config], run_ids=["actor-only"], device=device,
                 weights=[ray.put(resolve_weights(weights, get_model_spec(model_name)))], pipeline_started_at=time.time(),
-                cpu_threads=alone and alone.cpu_threads)
+                calling_threads=alone.threads, cpu_threads=alone.cpu_threads)
     )  # fmt: skip
-    ray.get([actor.segment.remote(batch) for batch in batches[: config.threads_per_actor]])
+    ray.get([actor.segment.remote(batch) for batch in batches[: alone.threads]])
     started = time.perf_counter()
     images = sum(ray.get([actor.segment.remote(batch) for batch in batches]))
     seconds = time.perf_counter() - started
     if profile:
         print(ray.get(actor.profile.remote(batches[:_PROFILED_SHARDS], device=device)), file=sys.stderr, flush=True)
     ray.kill(actor)
-    return {"ips": images / seconds, "images": images, "threads": config.threads_per_actor}
+    return {"ips": images / seconds, "images": images, "threads": alone.threads}
 
 
 def _one_actor_resources(device: str) -> dict:
-    """Ray resources of a lone model actor: one GPU, or on CPUs all but the one that segpipe
-    leaves to the read and write tasks."""
+    """Ray resources of the baseline's lone model actor: one GPU, or on CPUs all but the one that
+    segpipe leaves to the read and write tasks."""
     if device == "cuda":
         return {"num_gpus": 1, "num_cpus": 1}
     return {"num_cpus": max(1.0, ray.cluster_resources().get("CPU", 2) - 1)}
@@ -354,6 +354,7 @@ def end_to_end(
         "ok": counts["ok"],
         "bytes_per_image": counts["bytes_written"] / counts["images"],
         "raw_class_map_bytes_per_rle_byte": raw_class_map_bytes / rle_bytes if rle_bytes else None,
+        "actors": manifest["actors"],
         **{
             figure: manifest["timings"][figure]
             for figure in ("listing_seconds", "actors_ready_seconds", "actor_process_started_seconds", "actor_import_started_seconds",
@@ -518,6 +519,7 @@ def measure(
         "end_to_end_actor_startup_seconds": whole["actor_startup_seconds"],
         "end_to_end_first_shard_stage_seconds": whole["first_shard_stage_seconds"],
         "end_to_end_stage_seconds": whole["stage_seconds"],
+        "end_to_end_actors": whole["actors"],
         "baseline_ips": plain["ips"] if plain else None,
         "ratio_model": whole["ips"] / only["ips"],
         "ratio_baseline": whole["ips"] / plain["ips"] if plain else None,
@@ -545,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--files-per-shard", type=int, default=64,
                         help="images per shard in the end-to-end run (default 64: enough shards to keep every actor busy)")
     parser.add_argument("--actors", type=int, help="model actors of the end-to-end run (default: segpipe's)")
-    parser.add_argument("--threads-per-actor", type=int, default=1, help="shards each actor works on at once (default 1)")
+    parser.add_argument("--threads-per-actor", type=int, help="shards each actor works on at once (default: segpipe's)")
     parser.add_argument("--skip-baseline", action="store_true", help="leave the plain Ray Data script out (baseline_ips null)")
     parser.add_argument("--skip-variants", action="store_true",
                         help="time the model alone only at the pipeline's own precision, not in every variant "

@@ -48,7 +48,13 @@ from pipeline.write import partition_path, remove_stale_shards, shard_file, shar
 _IO_TASK_CPUS = 0.5
 _CHECK_THREADS = 16
 _SHARDS_PER_GPU = 4
-"""Shards that the default pool works on at once on each GPU: four actors, or fewer with threads."""
+"""Shards that the default pool works on at once on each GPU: one actor of four threads, or more
+actors of fewer threads."""
+_GPU_ACTOR_THREADS = 4
+"""Shards each GPU actor works on at once by default. On the H200 (2026-11-28, same code), one
+actor of four threads ran lraspp at 1413 img/s once running against 1259 for four actors of one;
+against the last four-actor figures (older code), DeepLabV3 549 against 307 and Mask R-CNN 130
+against 84.5 (benchmarks/BENCHMARKS.md)."""
 _INPUT_BLOCKS = 1024
 """Ray Data input blocks that a run of twice as many shards or more is grouped into (about; fewer shards: one per block)."""
 _MOST_SHARDS_PER_BLOCK = 8
@@ -81,11 +87,13 @@ class _Run:
 @dataclass(frozen=True)
 class ActorPlan:
     """The model actors of a run: their ``device`` type, how many ``actors``, the Ray
-    ``resources`` each asks for, and on CPUs the threads each runs torch on."""
+    ``resources`` each asks for, the shards each works on at once (``threads``, each in a
+    thread Ray calls it from), and on CPUs the threads each runs torch on."""
 
     device: str
     actors: int
     resources: dict[str, float]
+    threads: int = 1
     cpu_threads: int | None = None
 
 
@@ -229,7 +237,7 @@ def _run_together(plans: list[_Plan], ray_startup_seconds: float, gpus_asked_at:
             print(
                 f"segpipe: run {plan.run_id}: {len(todo)} shards to do{resumed} from {display_uri(plan.config.input)}, "
                 f"{plan.spec.name} ({plan.weights.source}) on {actor_plan.actors} {actor_plan.device} actor(s)"
-                + (f" of {plan.config.threads_per_actor} threads" if plan.config.threads_per_actor > 1 else "")
+                + (f" of {actor_plan.threads} threads" if actor_plan.threads > 1 else "")
                 + (f", torch on {actor_plan.cpu_threads} CPU thread(s) each" if actor_plan.cpu_threads is not None else "")
                 + (f", compiled ({plan.config.compile}) on each actor's first batch: the first shard comes later"
                    if plan.config.compile != "off" else ""),
@@ -412,12 +420,14 @@ def plan_actors(config: RunConfig) -> ActorPlan:
             "autoscaler for N and waits for them)"
         )
     if wants_gpus or (config.device == "auto" and gpus > 0):
-        actors = config.actors or gpus * math.ceil(_SHARDS_PER_GPU / config.threads_per_actor)
-        return ActorPlan("cuda", actors, {"num_gpus": min(1.0, gpus / actors), "num_cpus": _gpu_actor_cpus(config, actors / gpus)})
-    return _cpu_actors(config.actors)
+        threads = config.threads_per_actor or _GPU_ACTOR_THREADS
+        actors = config.actors or gpus * math.ceil(_SHARDS_PER_GPU / threads)
+        resources = {"num_gpus": min(1.0, gpus / actors), "num_cpus": _gpu_actor_cpus(threads, actors / gpus)}
+        return ActorPlan("cuda", actors, resources, threads=threads)
+    return _cpu_actors(config.actors, threads=config.threads_per_actor or 1)
 
 
-def _cpu_actors(asked: int | None) -> ActorPlan:
+def _cpu_actors(asked: int | None, *, threads: int) -> ActorPlan:
     """CPU actors: on every node, the read and write tasks keep a CPU (half of a node of one) and
     the actors share the rest. By default one actor on each of the largest nodes, taking its rest
     and running torch on all of the node's CPUs: the read, encode and write tasks use little of
@@ -430,9 +440,9 @@ def _cpu_actors(asked: int | None) -> ActorPlan:
     rests = [cpus - (1.0 if cpus >= 2 else _IO_TASK_CPUS) for cpus in node_cpus]
     largest = max(rests)
     if asked is None:
-        return ActorPlan("cpu", rests.count(largest), {"num_cpus": largest}, cpu_threads=max(1, int(max(node_cpus))))
+        return ActorPlan("cpu", rests.count(largest), {"num_cpus": largest}, threads, cpu_threads=max(1, int(max(node_cpus))))
     cpus = _resource_amount(max(_IO_TASK_CPUS, min(largest, sum(rests) / asked)))
-    return ActorPlan("cpu", asked, {"num_cpus": cpus}, cpu_threads=max(1, round(cpus)))
+    return ActorPlan("cpu", asked, {"num_cpus": cpus}, threads, cpu_threads=max(1, round(cpus)))
 
 
 def _alive_node_resources() -> list[dict[str, float]]:
@@ -445,7 +455,7 @@ def _resource_amount(amount: float) -> float:
     return math.floor(amount * 10_000) / 10_000
 
 
-def _gpu_actor_cpus(config: RunConfig, actors_per_gpu: float) -> float:
+def _gpu_actor_cpus(threads: int, actors_per_gpu: float) -> float:
     """CPUs for each GPU actor: one per shard it works on at once, within half the CPUs per GPU of
     the GPU node with the fewest, so that the read, encode and write tasks keep the other half.
 
@@ -453,7 +463,7 @@ def _gpu_actor_cpus(config: RunConfig, actors_per_gpu: float) -> float:
     Data does not count, so four of them on a node of 4 CPUs and one GPU took every CPU, the read
     tasks never ran, and the run waited forever."""
     cpus_per_gpu = min(resources.get("CPU", 0.0) / resources["GPU"] for resources in _alive_node_resources() if resources.get("GPU"))
-    return _resource_amount(min(float(config.threads_per_actor), cpus_per_gpu / 2 / max(1.0, actors_per_gpu)))
+    return _resource_amount(min(float(threads), cpus_per_gpu / 2 / max(1.0, actors_per_gpu)))
 
 
 def _execute(plans: list[_Plan], shards: list[Shard], actor_plan: ActorPlan, started_at: float) -> Iterator[dict]:
@@ -477,8 +487,8 @@ def _execute(plans: list[_Plan], shards: list[Shard], actor_plan: ActorPlan, sta
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(
                 size=actor_plan.actors,
-                max_concurrent_calls_per_actor=config.threads_per_actor,
-                enable_true_multi_threading=config.threads_per_actor > 1,
+                max_concurrent_calls_per_actor=actor_plan.threads,
+                enable_true_multi_threading=actor_plan.threads > 1,
             ),
             fn_constructor_kwargs={
                 "configs": [plan.config for plan in plans],
@@ -486,6 +496,7 @@ def _execute(plans: list[_Plan], shards: list[Shard], actor_plan: ActorPlan, sta
                 "device": actor_plan.device,
                 "weights": [ray.put(plan.weights) for plan in plans],
                 "pipeline_started_at": started_at,
+                "calling_threads": actor_plan.threads,
                 "cpu_threads": actor_plan.cpu_threads,
             },
             **actor_plan.resources,

@@ -8,7 +8,8 @@ models, runs each model on batches of up to its ``batch_size`` images that enter
 at one size (so that no image's results depend on its neighbours; ``pad_to_multiple`` rounds
 semantic inputs up to share more batches), and hands on each image's runs and detections, which
 the encode stage (:mod:`pipeline.encode`, CPU tasks) turns into RLE strings and table rows.
-With ``threads_per_actor`` above 1, Ray calls it from that many threads at once, a shard each,
+With ``calling_threads`` above 1 (``threads_per_actor``: four on GPUs by default), Ray calls it
+from that many threads at once, a shard each,
 each thread on a CUDA stream of its own; a semantic network's forward passes then run on one
 thread of their own (:class:`OneNetworkThread`), so that cuDNN searches each shape's kernels once.
 
@@ -146,7 +147,7 @@ class SegmentShards:
     is below zero for a worker that Ray had started, or that had imported, before the pipeline.
     They are host times: queued device work counts in the stage that waits for it.
 
-    With ``threads_per_actor`` above 1, Ray calls the actor from that many threads at once: each
+    With ``calling_threads`` above 1, Ray calls the actor from that many threads at once: each
     works on its own shard, on a CUDA stream of its own, so that one thread's host work and its
     waits for its results overlap the others' kernels inside one process and one copy of the
     models, where separate actors would time-share the GPU between their processes.
@@ -162,6 +163,7 @@ class SegmentShards:
         device: str,
         weights: list[ray.ObjectRef],
         pipeline_started_at: float,
+        calling_threads: int = 1,
         cpu_threads: int | None = None,
     ) -> None:
         started = time.perf_counter()
@@ -175,12 +177,13 @@ class SegmentShards:
             if gpu_share < 1:
                 # Ray leaves actors on a fraction of a GPU to keep to that fraction of its memory.
                 torch.cuda.set_per_process_memory_fraction(gpu_share)  # on the one GPU Ray made visible
+        self.calling_threads = calling_threads
         self.models = [self._load(config, run_id, ray.get(ref)) for config, run_id, ref in zip(configs, run_ids, weights)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights are on the device before any calling thread's stream reads them
         self.max_pixels = configs[0].max_pixels
         self.window = DECODE_WINDOW_BATCHES * max(config.batch_size for config in configs)
-        self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS * configs[0].threads_per_actor, thread_name_prefix="decode")
+        self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS * calling_threads, thread_name_prefix="decode")
         self.calling_thread = threading.local()
         """Per thread that Ray calls the actor from: ``seconds`` (per stage, of the shard in hand) and ``stream``."""
         self.start_figures = {
@@ -203,7 +206,7 @@ class SegmentShards:
             model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, config.score_threshold)
         bf16, channels_last = execution(spec, config.precision, self.device)
         model = prepared_network(model, spec.task, self.device, channels_last=channels_last, compile_mode=config.compile)
-        if spec.task == "semantic" and self.device.type == "cuda" and config.threads_per_actor > 1:
+        if spec.task == "semantic" and self.device.type == "cuda" and self.calling_threads > 1:
             model = OneNetworkThread(model)
         return LoadedModel(config, run_id, spec, weights.preprocessing, model, bf16, channels_last)
 
@@ -312,7 +315,7 @@ class SegmentShards:
 
         TorchCodec's decoder writes on the calling thread's stream and returns once its pixels
         are there, so it is called once the thread's previous window's results are on the host:
-        it then waits for nothing but the decoding. Each calling thread (``threads_per_actor``)
+        it then waits for nothing but the decoding. Each calling thread (``calling_threads``)
         takes a decoder of its own from TorchCodec's pool, where torchvision's (deprecated since
         0.29) had one per process behind a lock, writing on a stream of its own without waiting
         for the caller's (pytorch/vision#9606)."""

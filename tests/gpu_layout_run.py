@@ -5,8 +5,8 @@ this machine's CPU, which is all it has.
 Usage: ``python tests/gpu_layout_run.py SCENARIO ARCHIVE OUTPUT``; prints a line ``RESULT {json}``.
 
 - ``small-node``: a local Ray that declares the smallest common GPU node (4 CPUs and one GPU, as
-  AWS's g4dn.xlarge and g5.xlarge have); runs once with one thread per actor and once with four.
-  Per run: the actors' resources and the run's counts.
+  AWS's g4dn.xlarge and g5.xlarge have); runs with segpipe's default threads per actor, with one
+  and with four. Per run: the actors' plan and the run's counts.
 - ``from-zero``: a cluster of a CPU-only head (``ray.cluster_utils.Cluster``) and three runs
   that ask for GPUs: one for one GPU that waits 3 s with no GPU node coming (its error), one for
   one GPU whose node joins after the listing, during the wait, and one for two GPUs whose second
@@ -33,8 +33,8 @@ import jobs.run as run_module
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
 
-planned: dict[int, tuple[int, dict]] = {}
-"""threads_per_actor -> (actors, each one's Ray resources), as segpipe planned them for the GPUs."""
+planned: dict[int | None, dict] = {}
+"""threads_per_actor -> the actors (as :class:`jobs.run.ActorPlan`'s fields) that segpipe planned for the GPUs."""
 
 
 def _plan_for_gpus_on_this_cpu() -> None:
@@ -42,7 +42,7 @@ def _plan_for_gpus_on_this_cpu() -> None:
 
     def plan_on_this_cpu(config: RunConfig) -> run_module.ActorPlan:
         plan = plan_for_gpus(config.model_copy(update={"device": "cuda"}))
-        planned[config.threads_per_actor] = (plan.actors, plan.resources)
+        planned[config.threads_per_actor] = dataclasses.asdict(plan)
         return dataclasses.replace(plan, device="cpu")
 
     run_module.plan_actors = plan_on_this_cpu
@@ -56,10 +56,9 @@ def _config(archive: Path, output: Path, **settings: object) -> RunConfig:
 def small_node(archive: Path, output: Path) -> dict:
     ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level="WARNING")
     result = {}
-    for threads in (1, 4):
+    for threads in (None, 1, 4):
         manifest = run_module.run(_config(archive, output / f"threads-{threads}", threads_per_actor=threads))
-        actors, resources = planned[threads]
-        result[threads] = {"actors": actors, "resources": resources, "counts": manifest["counts"]}
+        result[str(threads)] = {**planned[threads], "counts": manifest["counts"]}
     return result
 
 
@@ -92,7 +91,7 @@ def from_zero(archive: Path, output: Path) -> dict:
             try:
                 config = _config(archive, output / name, gpus=gpus, wait_for_gpus_seconds=wait, actors=1)
                 manifest = run_module.run(config)
-                outcome.update(counts=manifest["counts"], waited=manifest["timings"]["waited_for_gpus_seconds"], plan=planned[1])
+                outcome.update(counts=manifest["counts"], waited=manifest["timings"]["waited_for_gpus_seconds"], plan=planned[None])
             except InputError as error:
                 outcome.update(error=str(error))
             finally:  # should the run have failed before or in its listing

@@ -85,7 +85,8 @@ def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
     assert figures["ok_images"] == 8 and figures["raw_class_map_bytes_per_rle_byte"] > 1
     # the decoders beside segpipe's: its own from four threads at once, and torchvision's, which this torchvision still has
     assert set(figures["decode_only_variants_ips"]) == {"4 threads", "torchvision", "torchvision, 4 threads"}
-    assert figures["segpipe_settings"] == {"files_per_shard": 4, "compile": "off", "actors": None, "threads_per_actor": 1}
+    assert figures["segpipe_settings"] == {"files_per_shard": 4, "compile": "off", "actors": None, "threads_per_actor": None}
+    assert figures["end_to_end_actors"]["threads"] == 1 and figures["end_to_end_actors"]["device"] == "cpu"  # segpipe's own plan
     # where the wait before the first shard went: the driver's listing, getting the actor up, then the shard's own stages
     assert 0 < figures["end_to_end_actors_ready_seconds"] < figures["end_to_end_first_shard_seconds"]
     assert 0 <= figures["end_to_end_listing_seconds"] < figures["end_to_end_first_shard_seconds"]

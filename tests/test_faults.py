@@ -142,7 +142,7 @@ def test_on_a_three_node_cluster_a_lost_actor_or_worker_node_costs_time_not_data
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT ")).removeprefix("RESULT "))
     # a head of 1 CPU and two workers of 2: one actor on each worker, each leaving a CPU to the read and write tasks, torch on both
-    assert report["plan"] == {"device": "cpu", "actors": 2, "resources": {"num_cpus": 1.0}, "cpu_threads": 2}
+    assert report["plan"] == {"device": "cpu", "actors": 2, "resources": {"num_cpus": 1.0}, "threads": 1, "cpu_threads": 2}
     for faulty in ("actor_killed", "node_lost"):
         assert report[faulty]["struck_at"] is not None and report[faulty]["struck_at"] < 16, f"{faulty}: must strike part-way"
         assert report[faulty]["counts"]["images"] == report[faulty]["counts"]["ok"] == 16

@@ -180,8 +180,8 @@ def _read(output: Path, table: str, columns: list[str]) -> list[dict]:
 @pytest.mark.usefixtures("ray_with_gpu")
 def test_a_gpu_run_matches_the_cpu_run(tmp_path: Path) -> None:
     archive = _archive(tmp_path / "archive")
-    # one actor's four threads on four CUDA streams, as well as four actors of one thread each
-    settings = {"cpu": {"device": "cpu"}, "cuda": {"device": "cuda"}, "cuda threads": {"device": "cuda", "threads_per_actor": 4}}
+    # one actor's four threads on four CUDA streams (the default), as well as four actors of one thread each
+    settings = {"cpu": {"device": "cpu"}, "cuda": {"device": "cuda", "threads_per_actor": 1}, "cuda threads": {"device": "cuda"}}
     outputs = {}
     for name, setting in settings.items():
         outputs[name] = tmp_path / name.replace(" ", "-")

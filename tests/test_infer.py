@@ -340,13 +340,13 @@ class NetworkOnOneThread(SegmentShards):
 def test_a_threaded_actor_with_its_network_on_one_thread_writes_the_rows_of_a_one_thread_actor(tmp_path: Path) -> None:
     for name, png in shape_pngs(16, seed=3, size=96).items():
         (tmp_path / name).write_bytes(png)
-    config = RunConfig(input=str(tmp_path), output="unused", model="unet", weights="shapes", batch_size=2, threads_per_actor=4,
+    config = RunConfig(input=str(tmp_path), output="unused", model="unet", weights="shapes", batch_size=2,
                        run_date=dt.date(2026, 11, 27))  # fmt: skip
     batches = [read_shards(pa.table({"shard": [shard.to_json()]}), image_column=config.image_column)
                for shard in list_shards(str(tmp_path), files_per_shard=4).shards]  # fmt: skip
     weights = resolve_weights(config.weights, get_model_spec(config.model))
     settings = {"configs": [config], "run_ids": ["test"], "device": "cpu", "weights": ray.put(weights), "pipeline_started_at": time.time()}
-    threaded = ray.remote(num_cpus=1, max_concurrency=4)(NetworkOnOneThread).remote(**settings)
+    threaded = ray.remote(num_cpus=1, max_concurrency=4)(NetworkOnOneThread).remote(**settings, calling_threads=4)
     alone = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(capacity=1 << 62, **settings)
     at_once = ray.get([threaded.__call__.remote(batch) for batch in batches])  # four shards in four threads
     one_by_one = [ray.get(alone.__call__.remote(batch)) for batch in batches]

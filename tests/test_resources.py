@@ -50,6 +50,7 @@ def test_on_a_node_of_four_cpus_and_one_gpu_the_default_actors_leave_the_tasks_h
         assert run["counts"]["images"] == run["counts"]["ok"] == 32, threads
         assert run["actors"] * run["resources"]["num_cpus"] <= 2, threads
     assert runs["1"]["actors"] == 4 and runs["4"]["actors"] == 1
+    assert (runs["None"]["actors"], runs["None"]["threads"]) == (1, 4)  # by default, one actor of four threads per GPU
 
 
 def test_gpus_are_asked_of_the_autoscaler_and_waited_for(archive: Path, tmp_path: Path) -> None:
@@ -63,8 +64,8 @@ def test_gpus_are_asked_of_the_autoscaler_and_waited_for(archive: Path, tmp_path
     for name in ("one_joins", "joins_while_listing"):
         counts = runs[name]["counts"]
         assert counts["images"] == counts["ok"] == 32
-        actors, resources = runs[name]["plan"]
-        assert actors == 1 and resources["num_gpus"] == 1  # planned on the GPU(s) that joined
+        plan = runs[name]["plan"]
+        assert plan["actors"] == 1 and plan["resources"]["num_gpus"] == 1  # planned on the GPU(s) that joined
     assert runs["one_joins"]["waited"] > 0
     assert runs["joins_while_listing"]["waited"] == 0  # the nodes' boot hid behind the listing
 
@@ -78,9 +79,9 @@ class _TorchThreads(SegmentShards):
 def test_a_cpu_actor_alone_on_its_node_runs_torch_on_all_of_its_cpus(archive: Path, tmp_path: Path) -> None:
     config = RunConfig(input=str(archive), output=str(tmp_path), model="unet", weights="shapes", device="cpu")
     alone = plan_actors(config)  # the tests' Ray: one node of 3 CPUs
-    assert alone == ActorPlan("cpu", actors=1, resources={"num_cpus": 2.0}, cpu_threads=3)
+    assert alone == ActorPlan("cpu", actors=1, resources={"num_cpus": 2.0}, threads=1, cpu_threads=3)
     # actors that share the nodes' CPUs run torch on their own share
-    assert plan_actors(config.model_copy(update={"actors": 2})) == ActorPlan("cpu", actors=2, resources={"num_cpus": 1.0}, cpu_threads=1)
+    assert plan_actors(config.model_copy(update={"actors": 2})) == ActorPlan("cpu", actors=2, resources={"num_cpus": 1.0}, threads=1, cpu_threads=1)
     weights = ray.put(resolve_weights(config.weights, get_model_spec(config.model)))
     settings = {"configs": [config], "run_ids": ["test"], "device": "cpu", "weights": [weights], "pipeline_started_at": time.time()}
     # the threads planned, whatever the CPUs the actor asked Ray for, but never more than the process may run on

@@ -67,7 +67,7 @@ def test_an_interrupted_run_resumes_with_only_the_missing_shards(archive: Path, 
     run(_config(archive, clean))
     first = run(_config(archive, interrupted))
     # the tests' Ray: one node of 3 CPUs, of which the actor takes 2 and runs torch on all 3 (at most the machine's)
-    assert first["actors"] == {"device": "cpu", "actors": 1, "resources": {"num_cpus": 2.0}, "cpu_threads": 3}
+    assert first["actors"] == {"device": "cpu", "actors": 1, "resources": {"num_cpus": 2.0}, "threads": 1, "cpu_threads": 3}
     timings = first["timings"]
     assert set(timings["stage_seconds"]) == {"decode", "model", "tables", "encode", "write"} and timings["actor_startup_seconds"] > 0
     assert set(timings["first_shard_stage_seconds"]) == set(timings["stage_seconds"])
