@@ -8,7 +8,7 @@ object store, after one warm-up shard per thread) on one corpus of photo JPEGs (
 It finds what holds an actor below its network: threads that do not raise the rate say that
 something in the actor is serial. It uses only what the harness has offered since commit
 ``aa1676d``, so a copy of this file in an older tree times that tree's actor on the same machine
-(BENCHMARKS.md, "The next GPU call")."""
+(HISTORY.md, twenty-third session: the bisect of lraspp's actor)."""
 
 from __future__ import annotations
 
