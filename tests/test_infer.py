@@ -337,7 +337,8 @@ class NetworkOnOneThread(SegmentShards):
             loaded.model = OneNetworkThread(loaded.model)
 
 
-def test_a_threaded_actor_with_its_network_on_one_thread_writes_the_rows_of_a_one_thread_actor(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compile_mode", ["off", pytest.param("default", marks=pytest.mark.slow)])
+def test_a_threaded_actor_with_its_network_on_one_thread_writes_the_rows_of_a_one_thread_actor(tmp_path: Path, compile_mode: str) -> None:
     for name, png in shape_pngs(16, seed=3, size=96).items():
         (tmp_path / name).write_bytes(png)
     config = RunConfig(input=str(tmp_path), output="unused", model="unet", weights="shapes", batch_size=2,
@@ -345,13 +346,22 @@ def test_a_threaded_actor_with_its_network_on_one_thread_writes_the_rows_of_a_on
     batches = [read_shards(pa.table({"shard": [shard.to_json()]}), image_column=config.image_column)
                for shard in list_shards(str(tmp_path), files_per_shard=4).shards]  # fmt: skip
     weights = resolve_weights(config.weights, get_model_spec(config.model))
-    settings = {"configs": [config], "run_ids": ["test"], "device": "cpu", "weights": ray.put(weights), "pipeline_started_at": time.time()}
-    threaded = ray.remote(num_cpus=1, max_concurrency=4)(NetworkOnOneThread).remote(**settings, calling_threads=4)
-    alone = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(capacity=1 << 62, **settings)
-    at_once = ray.get([threaded.__call__.remote(batch) for batch in batches])  # four shards in four threads
-    one_by_one = [ray.get(alone.__call__.remote(batch)) for batch in batches]
-    assert [_rows(out, weights) for out in at_once] == [_rows(out, weights) for out in one_by_one]
-    assert sum(len(_rows(out, weights)[1]) for out in at_once) >= 16
+    settings = {"run_ids": ["test"], "device": "cpu", "weights": ray.put(weights), "pipeline_started_at": time.time()}
+    # the threads share one network (compiled once, on its own thread, with --compile) as a GPU actor's do
+    threaded = ray.remote(num_cpus=1, max_concurrency=4)(NetworkOnOneThread).remote(
+        configs=[config.model_copy(update={"compile": compile_mode})], calling_threads=4, **settings
+    )
+    alone = ray.remote(num_cpus=1)(MemoryLimitedSegmentShards).remote(capacity=1 << 62, configs=[config], **settings)
+    at_once = [_rows(out, weights) for out in ray.get([threaded.__call__.remote(batch) for batch in batches])]  # four shards in four threads
+    one_by_one = [_rows(ray.get(alone.__call__.remote(batch)), weights) for batch in batches]
+    if compile_mode == "off":
+        assert at_once == one_by_one
+    else:  # compiled kernels round differently: compared as test_a_compiled_network_writes_the_rows_of_the_eager_one does
+        assert [images for images, _ in at_once] == [images for images, _ in one_by_one]
+        assert [[(row["label"], row["area"]) for row in masks] for _, masks in at_once] == [
+            [(row["label"], row["area"]) for row in masks] for _, masks in one_by_one
+        ]
+    assert sum(len(masks) for _, masks in at_once) >= 16
 
 
 class DecodesInOneBatch(SegmentShards):
