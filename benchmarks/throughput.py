@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, required=True, help="number of JPEGs")
     parser.add_argument("--size", type=parse_size, default=(1024, 768), metavar="WxH", help="image size (default 1024x768)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=int, help="images per forward pass (default: segpipe's for the model and device)")
     parser.add_argument("--files-per-shard", type=int, default=64,
                         help="images per shard in the end-to-end run (default 64: enough shards to keep every actor busy)")
     parser.add_argument("--actors", type=int, help="model actors of the end-to-end run (default: segpipe's)")
@@ -566,10 +566,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="segpipe-bench-"))
     width, height = args.size
+    batch_size = args.batch_size or get_model_spec(args.model).default_batch_size(args.device)
     # With --json, stdout holds the one object: segpipe's progress lines go to stderr with the phases' figures.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         result = measure(args.model, weights=args.weights, corpus=args.corpus, count=args.count, width=width, height=height,
-                         device=args.device, batch_size=args.batch_size, skip_baseline=args.skip_baseline,
+                         device=args.device, batch_size=batch_size, skip_baseline=args.skip_baseline,
                          skip_variants=args.skip_variants, actor_alone=args.actor_only, profile=args.profile, workdir=workdir,
                          settings={"files_per_shard": args.files_per_shard, "compile": args.compile, "actors": args.actors,
                                    "threads_per_actor": args.threads_per_actor})  # fmt: skip

@@ -238,6 +238,7 @@ def _run_together(plans: list[_Plan], ray_startup_seconds: float, gpus_asked_at:
                 f"segpipe: run {plan.run_id}: {len(todo)} shards to do{resumed} from {display_uri(plan.config.input)}, "
                 f"{plan.spec.name} ({plan.weights.source}) on {actor_plan.actors} {actor_plan.device} actor(s)"
                 + (f" of {actor_plan.threads} threads" if actor_plan.threads > 1 else "")
+                + f", batches of up to {plan.config.batch_size or plan.spec.default_batch_size(actor_plan.device)}"
                 + (f", torch on {actor_plan.cpu_threads} CPU thread(s) each" if actor_plan.cpu_threads is not None else "")
                 + (f", compiled ({plan.config.compile}) on each actor's first batch: the first shard comes later"
                    if plan.config.compile != "off" else ""),

@@ -83,6 +83,13 @@ class CudaExecution:
     channels_last: bool = False
 
 
+GPU_BATCH_SIZES: Mapping[Task, int] = {"semantic": 32, "instance": 8, "detection": 8}
+"""Images per forward pass on GPUs where ``--batch-size`` is not given: the batches that every
+GPU figure in benchmarks/BENCHMARKS.md was measured with. The R-CNN family's inputs (shorter
+side 800) hold 2.4 times the pixels of the semantic models' (520), and its masks more memory."""
+CPU_BATCH_SIZE = 8
+"""Images per forward pass on CPUs where ``--batch-size`` is not given."""
+
 SEMANTIC_PREPROCESSING = Preprocessing(resize_shorter=520, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 DETECTION_PREPROCESSING = Preprocessing(resize_shorter=None)
 
@@ -123,6 +130,11 @@ class ModelSpec:
         if self.torchvision_weights is not None:
             return self.torchvision_weights.DEFAULT.name
         return next(iter(self.presets), None)
+
+    def default_batch_size(self, device_type: str) -> int:
+        """Images per forward pass where ``--batch-size`` is not given, on a ``device_type``
+        (``"cuda"`` or ``"cpu"``) device."""
+        return GPU_BATCH_SIZES[self.task] if device_type == "cuda" else CPU_BATCH_SIZE
 
     def build(self, *, num_classes: int | None = None) -> nn.Module:
         """A fresh model in eval mode with ``num_classes`` outputs (default: this spec's categories)."""

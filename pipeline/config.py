@@ -44,7 +44,11 @@ class RunConfig(BaseModel):
     )
     files_per_shard: PositiveInt = Field(256, description="loose image files grouped into one shard (unit of work)")
     image_column: str = Field("image", description="column holding the encoded image bytes in Parquet inputs")
-    batch_size: PositiveInt = Field(8, description="images per model forward pass")
+    batch_size: PositiveInt | None = Field(
+        None,
+        description="most images per model forward pass (default: on GPUs 32 for semantic models and 8 for the R-CNN "
+        "family, on CPUs 8); a batch that runs out of device memory is halved, and later batches keep to what fitted",
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="arithmetic of the model on a GPU: 'auto' takes what measured fastest for the model (bf16 autocast for "

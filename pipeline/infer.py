@@ -104,6 +104,8 @@ class LoadedModel:
     model: nn.Module
     bf16: bool
     channels_last: bool
+    batch_size: int
+    """Most images per forward pass: ``--batch-size``, or the model's default on the actor's device."""
     pixel_budget: int | None = None
     """Most decoded pixels per batch known to fit on the device, once a batch has run out of memory."""
 
@@ -182,7 +184,7 @@ class SegmentShards:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the weights are on the device before any calling thread's stream reads them
         self.max_pixels = configs[0].max_pixels
-        self.window = DECODE_WINDOW_BATCHES * max(config.batch_size for config in configs)
+        self.window = DECODE_WINDOW_BATCHES * max(loaded.batch_size for loaded in self.models)
         self.decoder = ThreadPoolExecutor(max_workers=_DECODE_THREADS * calling_threads, thread_name_prefix="decode")
         self.calling_thread = threading.local()
         """Per thread that Ray calls the actor from: ``seconds`` (per stage, of the shard in hand) and ``stream``."""
@@ -208,7 +210,8 @@ class SegmentShards:
         model = prepared_network(model, spec.task, self.device, channels_last=channels_last, compile_mode=config.compile)
         if spec.task == "semantic" and self.device.type == "cuda" and self.calling_threads > 1:
             model = OneNetworkThread(model)
-        return LoadedModel(config, run_id, spec, weights.preprocessing, model, bf16, channels_last)
+        batch_size = config.batch_size or spec.default_batch_size(self.device.type)
+        return LoadedModel(config, run_id, spec, weights.preprocessing, model, bf16, channels_last, batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         columns: dict[str, list] = defaultdict(list)
@@ -345,7 +348,7 @@ class SegmentShards:
         model's batch size and pixel budget; halves a batch that runs out of memory, retries one
         that fails otherwise image by image."""
         image_pixels = [pixels[index][0].numel() for index in same_input]
-        batches = _batches(same_input, image_pixels, most_images=loaded.config.batch_size, most_pixels=loaded.pixel_budget)
+        batches = _batches(same_input, image_pixels, most_images=loaded.batch_size, most_pixels=loaded.pixel_budget)
         if len(batches) > 1:
             for batch in batches:
                 self._predict_isolating_failures(loaded, batch, pixels, results)

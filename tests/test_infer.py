@@ -135,6 +135,17 @@ def test_out_of_memory_splits_the_batch_down_to_one_image_and_later_batches_fit(
     assert [row for row in masks] == [row for row in roomy_masks if not row["uri"].endswith("wide.png")]
 
 
+def test_without_a_batch_size_each_model_takes_its_default_for_the_device(tmp_path: Path) -> None:
+    for name, png in shape_pngs(10, seed=4, size=64).items():
+        (tmp_path / name).write_bytes(png)
+    config = RunConfig(input=str(tmp_path), output="unused", model="unet", weights="shapes", run_date=dt.date(2026, 11, 28))
+    _, _, batch_sizes = _segment(config, _shard_batch(tmp_path, config), capacity=None)
+    assert batch_sizes == [8, 2]  # on CPUs, 8
+    # on GPUs, the batches that the GPU figures were measured with
+    on_gpus = {name: get_model_spec(name).default_batch_size("cuda") for name in ("deeplabv3_resnet50", "unet", "maskrcnn_resnet50_fpn")}
+    assert on_gpus == {"deeplabv3_resnet50": 32, "unet": 32, "maskrcnn_resnet50_fpn": 8}
+
+
 def test_images_of_different_sizes_that_enter_the_model_at_one_size_share_a_batch(tmp_path: Path) -> None:
     astronaut = photos()["astronaut"]
     for side in (64, 128, 256):  # all squares: 520x520 inside the model
