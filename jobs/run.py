@@ -48,13 +48,11 @@ from pipeline.write import partition_path, remove_stale_shards, shard_file, shar
 _IO_TASK_CPUS = 0.5
 _CHECK_THREADS = 16
 _SHARDS_PER_GPU = 4
-"""Shards that the default pool works on at once on each GPU: one actor of four threads, or more
-actors of fewer threads."""
-_GPU_ACTOR_THREADS = 4
-"""Shards each GPU actor works on at once by default. On the H200 (2026-11-28, same code), one
-actor of four threads ran lraspp at 1413 img/s once running against 1259 for four actors of one;
-against the last four-actor figures (older code), DeepLabV3 549 against 307 and Mask R-CNN 130
-against 84.5 (benchmarks/BENCHMARKS.md)."""
+"""Shards that a pool works on at once on each GPU unless both ``--actors`` and
+``--threads-per-actor`` say otherwise: by default one actor of four threads. On the H200
+(2026-11-28, same code), that ran lraspp at 1413 img/s once running against 1259 for four actors
+of one thread; against the last four-actor figures (older code), DeepLabV3 549 against 307 and
+Mask R-CNN 130 against 84.5 (benchmarks/BENCHMARKS.md)."""
 _INPUT_BLOCKS = 1024
 """Ray Data input blocks that a run of twice as many shards or more is grouped into (about; fewer shards: one per block)."""
 _MOST_SHARDS_PER_BLOCK = 8
@@ -421,11 +419,21 @@ def plan_actors(config: RunConfig) -> ActorPlan:
             "autoscaler for N and waits for them)"
         )
     if wants_gpus or (config.device == "auto" and gpus > 0):
-        threads = config.threads_per_actor or _GPU_ACTOR_THREADS
-        actors = config.actors or gpus * math.ceil(_SHARDS_PER_GPU / threads)
+        actors, threads = gpu_actors_and_threads(gpus, actors=config.actors, threads=config.threads_per_actor)
         resources = {"num_gpus": min(1.0, gpus / actors), "num_cpus": _gpu_actor_cpus(threads, actors / gpus)}
         return ActorPlan("cuda", actors, resources, threads=threads)
     return _cpu_actors(config.actors, threads=config.threads_per_actor or 1)
+
+
+def gpu_actors_and_threads(gpus: int, *, actors: int | None, threads: int | None) -> tuple[int, int]:
+    """How many GPU actors, and the shards each works on at once, for ``--actors`` and
+    ``--threads-per-actor`` (``None`` where not given): four shards per GPU unless both are given.
+    By default one actor of four threads per GPU; ``actors`` alone share their GPUs' shards in
+    threads (an actor has at most one GPU); ``threads`` alone, four per GPU divided by it, rounded up."""
+    if threads is None:
+        actors = actors or gpus
+        return actors, max(1, min(_SHARDS_PER_GPU, _SHARDS_PER_GPU * gpus // actors))
+    return actors or gpus * math.ceil(_SHARDS_PER_GPU / threads), threads
 
 
 def _cpu_actors(asked: int | None, *, threads: int) -> ActorPlan:

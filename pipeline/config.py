@@ -84,15 +84,17 @@ class RunConfig(BaseModel):
     )
     actors: PositiveInt | None = Field(
         None,
-        description="model actors in the pool (default: four per GPU divided by threads_per_actor, rounded up, so that "
-        "four shards share each GPU and one's host work (decoding, copying results to the host) overlaps the others' GPU "
-        "work; on CPU-only clusters, one on each of the largest nodes)",
+        description="model actors in the pool (default: on GPUs, four per GPU divided by threads_per_actor, rounded up, "
+        "so that four shards share each GPU and one's host work (decoding, copying results to the host) overlaps the "
+        "others' GPU work: one per GPU unless threads_per_actor is given; on CPU-only clusters, one on each of the "
+        "largest nodes)",
     )
     threads_per_actor: PositiveInt | None = Field(
         None,
         description="shards each model actor works on at once, each in a thread of its own with its own CUDA stream, "
-        "sharing the actor's copy of the models (default: 4 on GPUs, so one actor per GPU; 1 on CPUs, where torch's own "
-        "threads fill the cores)",
+        "sharing the actor's copy of the models (default: on GPUs four shards per GPU shared among the actors, so 4 in "
+        "the default one actor per GPU, and 1 for --actors 4 on one GPU; on CPUs 1, where torch's own threads fill the "
+        "cores)",
     )
     max_pixels: PositiveInt = Field(
         100_000_000, description="images with more pixels are refused from their header, before decoding"

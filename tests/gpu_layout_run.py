@@ -6,7 +6,8 @@ Usage: ``python tests/gpu_layout_run.py SCENARIO ARCHIVE OUTPUT``; prints a line
 
 - ``small-node``: a local Ray that declares the smallest common GPU node (4 CPUs and one GPU, as
   AWS's g4dn.xlarge and g5.xlarge have); runs with segpipe's default threads per actor, with one
-  and with four. Per run: the actors' plan and the run's counts.
+  and with four. Per run: the actors' plan and the run's counts; and the plans for two, four and
+  eight actors with no threads named.
 - ``from-zero``: a cluster of a CPU-only head (``ray.cluster_utils.Cluster``) and three runs
   that ask for GPUs: one for one GPU that waits 3 s with no GPU node coming (its error), one for
   one GPU whose node joins after the listing, during the wait, and one for two GPUs whose second
@@ -59,6 +60,8 @@ def small_node(archive: Path, output: Path) -> dict:
     for threads in (None, 1, 4):
         manifest = run_module.run(_config(archive, output / f"threads-{threads}", threads_per_actor=threads))
         result[str(threads)] = {**planned[threads], "counts": manifest["counts"]}
+    # --actors alone: the GPU's four shards shared among them (planned only)
+    result["actors alone"] = {actors: dataclasses.asdict(run_module.plan_actors(_config(archive, output, actors=actors))) for actors in (2, 4, 8)}
     return result
 
 

@@ -18,7 +18,7 @@ import pytest
 import ray
 import torch
 
-from jobs.run import ActorPlan, plan_actors
+from jobs.run import ActorPlan, gpu_actors_and_threads, plan_actors
 from jobs.sample import shape_pngs
 from models import get_model_spec, resolve_weights
 from pipeline.config import RunConfig
@@ -46,11 +46,35 @@ def _layout_run(scenario: str, archive: Path, output: Path) -> dict:
 
 def test_on_a_node_of_four_cpus_and_one_gpu_the_default_actors_leave_the_tasks_half_the_cpus(archive: Path, tmp_path: Path) -> None:
     runs = _layout_run("small-node", archive, tmp_path)
+    actors_alone = runs.pop("actors alone")
     for threads, run in runs.items():
         assert run["counts"]["images"] == run["counts"]["ok"] == 32, threads
         assert run["actors"] * run["resources"]["num_cpus"] <= 2, threads
     assert runs["1"]["actors"] == 4 and runs["4"]["actors"] == 1
     assert (runs["None"]["actors"], runs["None"]["threads"]) == (1, 4)  # by default, one actor of four threads per GPU
+    # --actors alone shares the GPU's four shards among them: --actors 4 is four actors of one thread
+    assert {actors: plan["threads"] for actors, plan in actors_alone.items()} == {"2": 2, "4": 1, "8": 1}
+    assert all(plan["actors"] * plan["resources"]["num_cpus"] <= 2 for plan in actors_alone.values())
+
+
+@pytest.mark.parametrize(
+    ("gpus", "actors", "threads", "expected"),
+    [
+        (1, None, None, (1, 4)),  # the default: one actor of four threads per GPU
+        (8, None, None, (8, 4)),
+        (1, 4, None, (4, 1)),  # --actors alone share the GPU's four shards
+        (1, 2, None, (2, 2)),
+        (1, 8, None, (8, 1)),
+        (8, 1, None, (1, 4)),  # one actor has one GPU, and that GPU's four shards
+        (1, None, 1, (4, 1)),  # --threads-per-actor alone: four shards per GPU
+        (2, None, 3, (4, 3)),
+        (1, 3, 2, (3, 2)),  # both given: as given
+    ],
+)
+def test_gpu_actors_and_threads_share_four_shards_per_gpu_unless_both_are_given(
+    gpus: int, actors: int | None, threads: int | None, expected: tuple[int, int]
+) -> None:
+    assert gpu_actors_and_threads(gpus, actors=actors, threads=threads) == expected
 
 
 def test_gpus_are_asked_of_the_autoscaler_and_waited_for(archive: Path, tmp_path: Path) -> None:
