@@ -9,9 +9,9 @@ at one size (so that no image's results depend on its neighbours; ``pad_to_multi
 semantic inputs up to share more batches), and hands on each image's runs and detections, which
 the encode stage (:mod:`pipeline.encode`, CPU tasks) turns into RLE strings and table rows.
 With ``calling_threads`` above 1 (``threads_per_actor``: four on GPUs by default), Ray calls it
-from that many threads at once, a shard each,
-each thread on a CUDA stream of its own; a semantic network's forward passes then run on one
-thread of their own (:class:`OneNetworkThread`), so that cuDNN searches each shape's kernels once.
+from that many threads at once, a shard each, each thread on a CUDA stream of its own; a
+semantic network's forward passes then run on one thread of their own
+(:class:`OneNetworkThread`), so that cuDNN searches each shape's kernels once.
 
 On a GPU, compressed bytes are what crosses the object store and the host: complete RGB JPEGs
 are decoded a window at a time on the device (nvjpeg, through TorchCodec's ``decode_jpeg``),
