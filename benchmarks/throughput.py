@@ -105,6 +105,7 @@ _VARIANTS = {
     "bf16_channels_last": (True, True, False),
     "fp32_channels_last": (False, True, False),
     "bf16_channels_last_batch_norms_folded": (True, True, True),
+    "bf16_batch_norms_folded": (True, False, True),  # the MobileNets' own layout: never folded on a GPU before 2026-11-28
 }
 """Model-only variants measured on CUDA besides the pipeline's own: name -> (bf16, channels_last,
 batch norms folded into the convolutions, as on CPUs; eager GPUs keep them)."""
