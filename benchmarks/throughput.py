@@ -7,12 +7,17 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
 - **model-only**: forward passes (plus the argmax for semantic models) on tensors already on
   the device, with the shapes, batch size and precision the pipeline uses (3 warm-up batches,
   at most 10 timed); on CUDA also in float32 and in eager bf16 autocast with and without
-  channels_last, to compare;
-- **class maps only** (semantic models): the post-processing alone, the network's logits for the
-  benchmark's images made into class maps at the images' size as the pipeline does
-  (:func:`pipeline.infer.class_maps`); on CUDA also by upsampling every class, eager and
-  compiled, and from NCHW logits where the network gives NHWC ones (the model-only figure takes
-  its argmax at the network's resolution, so this is what the pipeline adds to it on the device);
+  channels_last, to compare. Semantic models run torchvision's whole forward here, upsampling
+  included, as the issue's ceilings were measured;
+- **model step** (semantic models): the network as segpipe runs it, without its final
+  upsampling (:func:`models.without_final_upsampling`), and its class maps at the images' size
+  (:func:`pipeline.class_maps.class_maps`), with the run's ``--compile``: the device's work for
+  the model stage, decoding and resizing aside;
+- **class maps only** (semantic models): the post-processing alone, the logits that the network
+  as segpipe runs it gives for the benchmark's images made into class maps at the images' size
+  as the pipeline does; on CUDA also in PyTorch's operators (the network's upsampling, then
+  interpolating where corners disagree: the pipeline's way until 2026-11-28), and by upsampling
+  every class, eager and compiled;
 - **decode only**: the benchmark's JPEGs decoded a window at a time, as the model actor takes
   them (:data:`pipeline.infer.DECODE_WINDOW_BATCHES` batches), by TorchCodec's ``decode_jpeg``:
   on CUDA in one batched nvjpeg call (on the GPU's hardware decoder where it has one, else
@@ -78,17 +83,16 @@ from torchcodec.decoders import decode_jpeg
 from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, plan_actors, run
 from models import Preprocessing, get_model_spec, resolve_weights
+from pipeline.class_maps import class_maps, eager_class_maps, upsampled_class_maps
 from pipeline.config import RunConfig
 from pipeline.infer import (
     DECODE_WINDOW_BATCHES,
     SegmentShards,
-    class_maps,
     execution,
     fold_batch_norms,
     kept_detections,
     model_input,
     prepared_network,
-    upsampled_class_maps,
 )
 from pipeline.listing import list_shards
 from pipeline.read import read_shards
@@ -114,8 +118,13 @@ batch norms folded into the convolutions, as on CPUs; eager GPUs keep them)."""
 def model_only(
     model_name: str, weights_spec: str, *, count: int, width: int, height: int, device: str, batch_size: int,
     bf16: bool, channels_last: bool, torchvision_forward: bool = False, compile_mode: str = "off", fold: bool = False,
+    model_step: bool = False,
 ) -> dict:  # fmt: skip
     """Images/s of the model alone on device-resident inputs, and its peak device memory.
+
+    Semantic models run torchvision's whole forward and the argmax of its logits at the input
+    size; with ``model_step``, the network as segpipe runs it (without its final upsampling) and
+    the class maps at the images' ``width`` x ``height`` instead.
 
     Instance and detection models run as the pipeline runs them (:func:`pipeline.infer.kept_detections`:
     the network, then the kept masks pasted in one batch); ``torchvision_forward`` times torchvision's own forward
@@ -125,14 +134,20 @@ def model_only(
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
     network = fold_batch_norms(weights.build(spec)) if fold else weights.build(spec)
-    model = prepared_network(network, spec.task, torch.device(device), channels_last=channels_last, compile_mode=compile_mode)
+    model = prepared_network(
+        network, spec.task, torch.device(device), channels_last=channels_last, compile_mode=compile_mode, final_upsampling=not model_step
+    )
     if spec.task == "semantic":
         inputs = torch.randn(batch_size, 3, *weights.preprocessing.resized(height, width), device=device)
         inputs = inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
         def step() -> None:
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-                model(inputs)["out"].argmax(1)
+                logits = model(inputs)["out"]
+            if model_step:
+                class_maps(logits, height, width, input_size=inputs.shape[-2:])
+            else:
+                logits.argmax(1)
     elif torchvision_forward:
         images = [torch.rand(3, height, width, device=device) for _ in range(batch_size)]
 
@@ -172,12 +187,13 @@ def _images_per_second(step: Callable[[], object], *, count: int, batch_size: in
 
 def class_maps_only(
     model_name: str, weights_spec: str, images: Path, *, count: int, width: int, height: int, device: str, batch_size: int,
-    bf16: bool, channels_last: bool, make_maps: Callable[[torch.Tensor, int, int], torch.Tensor] = class_maps,
+    bf16: bool, channels_last: bool, make_maps: Callable[..., torch.Tensor] = class_maps,
 ) -> dict:  # fmt: skip
-    """Images/s of a semantic model's post-processing alone: the logits its network gives for the
-    benchmark's first images (at its input size, in its precision and memory format, on the
-    device) made into class maps at the images' size by ``make_maps``. Real logits, not noise:
-    how many pixels :func:`pipeline.infer.class_maps` interpolates depends on the class borders."""
+    """Images/s of a semantic model's post-processing alone: the logits that its network, as
+    segpipe runs it, gives for the benchmark's first images (in its precision and memory format,
+    on the device) made into class maps at the images' size by ``make_maps`` (called as
+    :func:`pipeline.class_maps.class_maps` is). Real logits, not noise: how many pixels are
+    interpolated depends on the class borders."""
     spec = get_model_spec(model_name)
     weights = resolve_weights(weights_spec, spec)
     network = prepared_network(weights.build(spec), spec.task, torch.device(device), channels_last=channels_last, compile_mode="off")
@@ -185,7 +201,7 @@ def class_maps_only(
     with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
         inputs = model_input(batch, weights.preprocessing)
         logits = network(inputs.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format))["out"]
-    step = functools.partial(make_maps, logits, height, width)
+    step = functools.partial(make_maps, logits, height, width, input_size=inputs.shape[-2:])
     return {"ips": _images_per_second(step, count=count, batch_size=batch_size, device=device)}
 
 
@@ -416,19 +432,25 @@ def baseline(directory: Path, output: Path, model_name: str, weights: str, *, de
     return {"ips": count / seconds, "seconds": seconds}
 
 
-def _class_maps_variants(channels_last: bool, device: str) -> dict[str, tuple[Callable, bool]]:
-    """How the class maps step is timed: name -> (function, NHWC logits). As the pipeline runs it;
-    on CUDA also by upsampling every class, eager (the pipeline's way until the twelfth session)
-    and compiled (Inductor fuses the upsampling into the argmax), and from NCHW logits where the
-    network gives NHWC ones (the H200's profile of the upsampling's argmax over NHWC's innermost
-    21 channels ran far below the GPU's memory bandwidth)."""
-    variants = {_AS_THE_PIPELINE_RUNS_IT: (class_maps, channels_last)}
+def _class_maps_variants(device: str, *, skip_variants: bool) -> dict[str, Callable[..., torch.Tensor]]:
+    """How the class maps step is timed: name -> function. As the pipeline runs it; on CUDA also
+    in PyTorch's operators (the network's own upsampling, then interpolating where the corners
+    disagree: the pipeline's way from the twelfth session until the Triton kernel), and unless
+    ``skip_variants``, by upsampling every class after the network's upsampling, eager (the
+    pipeline's way until the twelfth session) and compiled (Inductor fuses the second upsampling
+    into the argmax)."""
+    variants = {_AS_THE_PIPELINE_RUNS_IT: class_maps}
     if device == "cuda":
-        variants["upsampled"] = (upsampled_class_maps, channels_last)
-        variants["upsampled, compiled"] = (torch.compile(upsampled_class_maps, dynamic=False), channels_last)
-        if channels_last:
-            variants["nchw logits"] = (class_maps, False)
+        variants["eager"] = eager_class_maps
+        if not skip_variants:
+            variants["upsampled"] = _upsampling_every_class
+            variants["upsampled, compiled"] = torch.compile(_upsampling_every_class, dynamic=False)
     return variants
+
+
+def _upsampling_every_class(logits: torch.Tensor, height: int, width: int, *, input_size: tuple[int, int]) -> torch.Tensor:
+    upsampled = torch.nn.functional.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)
+    return upsampled_class_maps(upsampled, height, width)
 
 
 def _reported(phase: str, figures: dict | None) -> dict | None:
@@ -468,9 +490,12 @@ def measure(
         "model-only, compiled",
         model_only(model_name, weights, **shape, bf16=bf16, channels_last=channels_last, compile_mode=settings["compile"]),
     )
+    step = None if spec.task != "semantic" else _reported("model step", model_only(
+        model_name, weights, **shape, bf16=bf16, channels_last=channels_last, compile_mode=settings["compile"], model_step=True
+    ))  # fmt: skip
     class_maps_ips = {} if spec.task != "semantic" else _reported("class maps only", {
-        name: class_maps_only(model_name, weights, images, **shape, bf16=bf16, channels_last=logits_channels_last, make_maps=make_maps)["ips"]
-        for name, (make_maps, logits_channels_last) in _class_maps_variants(channels_last, device).items()
+        name: class_maps_only(model_name, weights, images, **shape, bf16=bf16, channels_last=channels_last, make_maps=make_maps)["ips"]
+        for name, make_maps in _class_maps_variants(device, skip_variants=skip_variants).items()
     })  # fmt: skip
     window = DECODE_WINDOW_BATCHES * batch_size
     decoded = _reported("decode only", decode_only(images, count=count, device=device, window=window))
@@ -504,6 +529,7 @@ def measure(
         "torchvision_forward_ips": torchvision_forward["ips"] if torchvision_forward else None,
         "segpipe_settings": settings,
         "model_only_compiled_ips": compiled["ips"] if compiled else None,
+        "model_step_ips": step["ips"] if step else None,
         "class_maps_only_ips": class_maps_ips.get(_AS_THE_PIPELINE_RUNS_IT),
         "class_maps_only_variants_ips": {name: ips for name, ips in class_maps_ips.items() if name != _AS_THE_PIPELINE_RUNS_IT},
         "decode_only_ips": decoded["ips"],

@@ -12,6 +12,7 @@ from models import (  # noqa: F401
     unet,
 )
 from models.registry import ModelError, ModelSpec, Preprocessing, Task, get_model_spec, list_models
+from models.torchvision_semantic import without_final_upsampling
 from models.weights import Weights, resolve_weights, sidecar_uri
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "list_models",
     "resolve_weights",
     "sidecar_uri",
+    "without_final_upsampling",
 ]

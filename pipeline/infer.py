@@ -17,7 +17,7 @@ On a GPU, compressed bytes are what crosses the object store and the host: compl
 are decoded a window at a time on the device (nvjpeg, through TorchCodec's ``decode_jpeg``),
 other images on the host threads, and resizing, normalising, the model (bf16 autocast and
 channels_last as the model's :class:`~models.registry.CudaExecution` says, under
-``--precision auto``; ``--compile`` for ``torch.compile``), the class maps (:func:`class_maps`),
+``--precision auto``; ``--compile`` for ``torch.compile``), the class maps (:mod:`pipeline.class_maps`),
 Mask R-CNN's mask paste (:mod:`models.rcnn`) and the run finding of RLE all stay on the device.
 
 Preprocessing, as ARCHITECTURE.md fixes it:
@@ -63,14 +63,14 @@ import pyarrow as pa
 import ray
 import torch
 import torch.fx.experimental.optimization as fx_optimization
-import torch.nn.functional as nn_functional
 import torchvision.transforms.functional as tv_functional
 from torch import nn
 from torchcodec.decoders import decode_jpeg, decode_webp
 
-from models import ModelSpec, Preprocessing, Weights, get_model_spec
+from models import ModelSpec, Preprocessing, Weights, get_model_spec, without_final_upsampling
 from models.rcnn import detect, input_size, paste_masks
 from pipeline import IMPORT_STARTED_AT
+from pipeline.class_maps import class_maps
 from pipeline.config import RunConfig
 from pipeline.decode import DecodeError, decode_image, plain_rgb_jpeg, plain_webp
 from pipeline.encode import Detections, Runs, map_runs, mask_count, results_table, summarize_detections
@@ -87,10 +87,6 @@ _DECODE_THREADS = 4
 DECODE_WINDOW_BATCHES = 4
 """An actor decodes its shard's images this many of its largest batches at a time."""
 _MASK_PROBABILITY_THRESHOLD = 0.5
-_OUTPUT_PIXELS_PER_STEP = 2**25
-"""Class map pixels made at once by :func:`class_maps`: at most 10 bytes of device memory each."""
-_GATHERED_LOGITS_PER_CHUNK = 2**26
-"""Corner logits interpolated at once by :func:`class_maps`: 256 MiB in float32."""
 
 
 @dataclass
@@ -428,11 +424,18 @@ def _rounded_up(side: int, multiple: int) -> int:
     return math.ceil(side / multiple) * multiple
 
 
-def prepared_network(model: nn.Module, task: str, device: torch.device, *, channels_last: bool, compile_mode: str) -> nn.Module:
-    """``model`` as segpipe infers with it on ``device``: in eval mode, a semantic model's batch
-    norms folded on CPUs (:func:`fold_batch_norms`; compiling folds them itself), on the device in
-    channels_last or its own memory format, and compiled in ``compile_mode`` unless that is ``"off"``."""
+def prepared_network(
+    model: nn.Module, task: str, device: torch.device, *, channels_last: bool, compile_mode: str, final_upsampling: bool = False
+) -> nn.Module:
+    """``model`` as segpipe infers with it on ``device``: in eval mode; a semantic model without its
+    final upsampling of the logits to the input's size (:func:`models.without_final_upsampling`:
+    :func:`class_maps` makes the maps from the logits as the network left them) unless
+    ``final_upsampling``, and with its batch norms folded on CPUs (:func:`fold_batch_norms`;
+    compiling folds them itself); on the device in channels_last or its own memory format;
+    compiled in ``compile_mode`` unless that is ``"off"``."""
     model = model.eval()
+    if task == "semantic" and not final_upsampling:
+        model = without_final_upsampling(model)
     if device.type == "cpu" and task == "semantic" and compile_mode == "off":
         model = fold_batch_norms(model)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
@@ -542,95 +545,6 @@ def _normalization(preprocessing: Preprocessing, device: torch.device) -> tuple[
         return mean.view(-1, 1, 1), std.view(-1, 1, 1)
 
 
-def upsampled_class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``(n, height, width)`` class maps of ``(n, classes, h, w)`` logits by definition: bilinear
-    upsampling to ``height`` x ``width``, then argmax; uint8 for up to 256 classes, else int32.
-    :func:`class_maps` gives the same maps without upsampling every class at every pixel."""
-    upsampled = nn_functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-    return upsampled.max(1).indices.to(_class_type(logits))  # max's indices are argmax's, and on CPUs 4x faster over the channels
-
-
-def class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """:func:`upsampled_class_maps`, interpolating only where the upsampling can change the answer.
-
-    Bilinear upsampling makes each output pixel a weighted mean of four neighbouring logit pixels,
-    with weights at least zero that sum to one. Where the four agree on their argmax, so does any
-    such mean of them: each of the winner's logits is at least the other class's at every corner.
-    So the argmax is taken at the logits' own resolution, and each output pixel takes its corners'
-    class, except where they disagree (along class borders, 0 to 6% of the pixels of the models'
-    maps measured) and the four corners' logits are interpolated in float32 there. The upsampled
-    logits (21 per pixel for DeepLabV3, 33 MB per 1024x768 image in bf16) are never made: on this
-    repository's CPU 1.6 to 6x faster than upsampling them (see benchmarks/HISTORY.md). Class maps
-    equal float32 upsampling's but where two classes tie within float rounding (a few pixels in a
-    million); eager bf16 upsampling rounds each upsampled logit to bf16 first, which makes more ties."""
-    images_per_step = max(1, _OUTPUT_PIXELS_PER_STEP // (height * width))
-    steps = [_class_maps_of_step(step, height, width) for step in logits.split(images_per_step)]
-    return steps[0] if len(steps) == 1 else torch.cat(steps)  # a batch is mostly one step: no copy of its maps
-
-
-def _class_maps_of_step(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    if logits.is_cuda:
-        # A GPU's argmax over channels_last logits' innermost classes (DeepLabV3's, FCN's) reads one
-        # pixel's 21 classes per thread, far below the memory's bandwidth: from NCHW logits the step
-        # ran 1.45x (H100 and H200, three runs), for a copy of 15 MB per 1024x768 image in bf16.
-        # On CPUs NHWC is the faster layout.
-        logits = logits.contiguous()
-    _, classes, logit_height, logit_width = logits.shape
-    coarse = logits.max(1).indices.to(_class_type(logits))
-    rows, columns = _bilinear_sources(height, logit_height, logits.device), _bilinear_sources(width, logit_width, logits.device)
-
-    def at_top_left_corner(per_logit_pixel: torch.Tensor) -> torch.Tensor:
-        return per_logit_pixel.index_select(1, rows.indices[0]).index_select(2, columns.indices[0])
-
-    maps = at_top_left_corner(coarse)
-    pixels = at_top_left_corner(_disagreeing_corners(coarse)).flatten().nonzero().squeeze(1)
-    logits_by_pixel = logits.permute(0, 2, 3, 1)  # (n, h, w, classes): a view, whatever the memory format
-    flat_maps = maps.view(-1)
-    chunk_size = max(1, _GATHERED_LOGITS_PER_CHUNK // (4 * classes))
-    for first in range(0, len(pixels), chunk_size):
-        chunk = pixels[first : first + chunk_size]
-        image, row, column = chunk // (height * width), chunk // width % height, chunk % width
-        # (k, 4) corners in the order top left, top right, bottom left, bottom right
-        corner_rows = rows.indices[:, row].T.repeat_interleave(2, dim=1)
-        corner_columns = columns.indices[:, column].T.repeat(1, 2)
-        corners = logits_by_pixel[image[:, None], corner_rows, corner_columns].float()  # (k, 4, classes)
-        weights = rows.weights[:, row].T[:, :, None] * columns.weights[:, column].T[:, None, :]  # (k, 2, 2)
-        upsampled = torch.bmm(weights.view(-1, 1, 4), corners)[:, 0]  # (k, classes) in float32
-        flat_maps[chunk] = upsampled.max(1).indices.to(maps.dtype)
-    return maps
-
-
-@dataclass(frozen=True)
-class _Sources:
-    """Per output index along one axis, its two source indices and their bilinear weights, as
-    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` takes them."""
-
-    indices: torch.Tensor
-    """``(2, size)`` int64: the lower and the higher source index (equal at the last one)."""
-    weights: torch.Tensor
-    """``(2, size)`` float32: their weights, which sum to 1."""
-
-
-def _bilinear_sources(size: int, source_size: int, device: torch.device) -> _Sources:
-    position = ((torch.arange(size, device=device, dtype=torch.float32) + 0.5) * (source_size / size) - 0.5).clamp_(min=0)
-    low = position.long().clamp_(max=source_size - 1)
-    high_weight = position - low
-    return _Sources(torch.stack([low, (low + 1).clamp_(max=source_size - 1)]), torch.stack([1 - high_weight, high_weight]))
-
-
-def _disagreeing_corners(coarse: torch.Tensor) -> torch.Tensor:
-    """Whether the classes of ``(n, h, w)`` class maps differ within each pixel's 2x2 block of it
-    and its neighbours below and to the right (the last row and column their own neighbours)."""
-    below = torch.cat([coarse[:, 1:], coarse[:, -1:]], 1)
-    right = torch.cat([coarse[:, :, 1:], coarse[:, :, -1:]], 2)
-    below_right = torch.cat([below[:, :, 1:], below[:, :, -1:]], 2)
-    return (coarse != below) | (coarse != right) | (coarse != below_right)
-
-
-def _class_type(logits: torch.Tensor) -> torch.dtype:
-    return torch.uint8 if logits.shape[1] <= 256 else torch.int32
-
-
 def predict_class_maps(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
@@ -646,7 +560,8 @@ def predict_class_maps(
 
     With ``pad_to_multiple`` above 1, each resized input is padded on the right and bottom (with
     zeros: the mean colour, once normalised) up to a multiple of it, so that batches of similar
-    sizes enter together; the padding's logits are cropped away before upsampling."""
+    sizes enter together; the padding's logits are cropped away before upsampling. A network
+    run without its final upsampling (:func:`prepared_network`) leaves that to :func:`class_maps`."""
     resized = [model_input(batch, preprocessing) for batch in batches]
     height, width = (_rounded_up(side, pad_to_multiple) for side in resized[0].shape[-2:])
     inputs = resized[0].new_zeros((sum(len(batch) for batch in batches), 3, height, width))
@@ -657,7 +572,7 @@ def predict_class_maps(
     with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=bf16):
         logits = model(inputs)["out"]
     return [
-        class_maps(batch_logits[..., : batch_input.shape[-2], : batch_input.shape[-1]], *batch.shape[-2:])
+        class_maps(batch_logits, *batch.shape[-2:], input_size=(height, width), crop=batch_input.shape[-2:])
         for batch, batch_input, batch_logits in zip(batches, resized, logits.split([len(batch) for batch in batches]))
     ]
 

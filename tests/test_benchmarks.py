@@ -79,8 +79,8 @@ def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
     pq.write_table(pa.table({"width": [5], "height": [5]}), stale)
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     figures = _throughput("unet", tmp_path, "--actor-only")
-    for key in ("model_only_ips", "class_maps_only_ips", "decode_only_ips", "actor_only_ips", "end_to_end_ips", "baseline_ips",
-                "ratio_model", "ratio_baseline", "bytes_per_image"):
+    for key in ("model_only_ips", "model_step_ips", "class_maps_only_ips", "decode_only_ips", "actor_only_ips", "end_to_end_ips",
+                "baseline_ips", "ratio_model", "ratio_baseline", "bytes_per_image"):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     assert figures["ok_images"] == 8 and figures["raw_class_map_bytes_per_rle_byte"] > 1
     # the decoders beside segpipe's: its own from four threads at once, and torchvision's, which this torchvision still has
@@ -96,7 +96,7 @@ def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_throughput_harness_times_instance_models_as_the_pipeline_and_as_torchvision_run_them(tmp_path: Path) -> None:
     figures = _throughput("maskrcnn_mobilenet_v3_small_fpn", tmp_path)
-    assert figures["model_only_ips"] > 0 and figures["torchvision_forward_ips"] > 0
+    assert figures["model_only_ips"] > 0 and figures["torchvision_forward_ips"] > 0 and figures["model_step_ips"] is None
     assert figures["ok_images"] == 8 and figures["baseline_ips"] is None
 
 

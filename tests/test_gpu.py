@@ -1,7 +1,9 @@
 """The CUDA path gives what the CPU path gives: nvjpeg decodes what Pillow decodes, from several
 threads at once too, the device's
 run finding, union areas and batched mask paste equal the host's and torchvision's, class maps
-equal float32 upsampling's but for ties, the semantic models' input is made without waiting for the
+(the Triton kernel, from logits at the input size or as the networks leave them without their
+final upsampling, from several threads at once) equal float32 upsampling's but for ties, the
+semantic models' input is made without waiting for the
 device, a threaded actor's network thread queues its kernels on
 each caller's stream, an actor on half a GPU keeps to half its memory, and ``segpipe run`` on a
 GPU, with one thread per actor or several, accounts for every image with the CPU run's outcome
@@ -13,6 +15,9 @@ Skipped where there is no GPU (CI has none); run on a GPU machine with ``pytest 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +39,8 @@ from models import get_model_spec, resolve_weights
 from pipeline.config import RunConfig
 from pipeline.decode import decode_image, plain_rgb_jpeg
 from pipeline.encode import map_runs, summarize_detections
-from pipeline.infer import OneNetworkThread, SegmentShards, class_maps, model_input, predict_detections, upsampled_class_maps
+from pipeline.class_maps import class_maps, upsampled_class_maps
+from pipeline.infer import OneNetworkThread, SegmentShards, model_input, predict_detections
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
@@ -114,6 +120,68 @@ def test_class_maps_on_the_gpu_are_those_of_float32_upsampling_but_for_ties(memo
         maps, exact = class_maps(logits, 768, 1024), upsampled_class_maps(logits.float(), 768, 1024)
     assert maps.dtype == torch.uint8 and maps.shape == (5, 768, 1024)
     assert (maps != exact).float().mean() < 1e-5
+
+
+def _coarse_logits(images: int, seed: int) -> torch.Tensor:
+    """Logits as DeepLabV3 and LR-ASPP leave them without their final upsampling for 1024x768
+    photos: 21 classes at stride 8 of a 520x693 input padded to 520x704, in a few regions each."""
+    generator = torch.Generator("cuda").manual_seed(seed)
+    regions = torch.randn(images, 21, 5, 6, device="cuda", generator=generator) * 5
+    noise = torch.randn(images, 21, 65, 88, device="cuda", generator=generator) * 0.3
+    return (nn_functional.interpolate(regions, size=(65, 88), mode="bilinear") + noise).to(torch.bfloat16)
+
+
+def _upsampled_twice(coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    upsampled = nn_functional.interpolate(coarse.float(), size=(520, 704), mode="bilinear", align_corners=False)
+    return upsampled_class_maps(upsampled[..., :520, :693], height, width)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_class_maps_of_coarse_logits_on_the_gpu_are_those_of_float32_upsampling_twice_but_for_ties(
+    memory_format: torch.memory_format,
+) -> None:
+    coarse = _coarse_logits(5, seed=5).contiguous(memory_format=memory_format)
+    with torch.inference_mode():
+        maps, exact = class_maps(coarse, 768, 1024, input_size=(520, 704), crop=(520, 693)), _upsampled_twice(coarse, 768, 1024)
+    assert maps.dtype == torch.uint8 and maps.shape == (5, 768, 1024) and len(torch.unique(exact)) > 2
+    assert (maps != exact).float().mean() < 1e-5
+
+
+def test_class_maps_from_threads_on_streams_of_their_own_are_each_threads_own() -> None:
+    # each thread's first sizes make the kernel's weights anew, on its own stream, while the others launch
+    sizes = [(768 + step, 1024 - step) for step in range(4)]
+    coarse = [_coarse_logits(2, seed=6 + thread) for thread in range(4)]
+
+    def call(thread: int) -> torch.Tensor:
+        with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream()):
+            maps = class_maps(coarse[thread], *sizes[thread], input_size=(520, 704), crop=(520, 693))
+            torch.cuda.current_stream().synchronize()
+            return maps
+
+    with ThreadPoolExecutor(4) as pool:
+        maps = list(pool.map(call, range(4)))
+    with torch.inference_mode():
+        for thread in range(4):
+            assert (maps[thread] != _upsampled_twice(coarse[thread], *sizes[thread])).float().mean() < 1e-5
+
+
+def test_class_maps_take_pytorchs_operators_where_triton_cannot_build_its_kernel(tmp_path: Path) -> None:
+    # a node without a C compiler: Triton builds its launcher with $CC, and its cache here is empty
+    code = """
+import json, torch
+from pipeline import class_maps as module
+coarse = torch.randn(2, 21, 65, 88, device="cuda").to(torch.bfloat16)
+with torch.inference_mode():
+    maps = module.class_maps(coarse, 768, 1024, input_size=(520, 704), crop=(520, 693))
+    eager = module.eager_class_maps(coarse, 768, 1024, input_size=(520, 704), crop=(520, 693))
+print("RESULT " + json.dumps({"equal": torch.equal(maps, eager), "unusable": module._kernel_unusable}))
+"""
+    environment = {**os.environ, "CC": "/nonexistent/cc", "TRITON_CACHE_DIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.split("RESULT ", 1)[1])
+    assert outcome["equal"] and outcome["unusable"], outcome
+    assert "Triton could not build its kernel" in result.stderr
 
 
 class ReportsItsStream(nn.Module):

@@ -1,9 +1,9 @@
 """The model actor and its inference steps. Under memory pressure a batch that runs out of device
 memory is split and retried down to single images; only an image that does not fit alone becomes
 an error row. Images batch by the size they enter the network at; compiled, folded and
-channels_last networks give the eager ones' results; class maps equal upsample-then-argmax; a
-threaded actor's network on one thread of its own gives a one-thread actor's rows; a batch of
-JPEGs that the batched decoder refuses is decoded image by image, the bad file alone an error.
+channels_last networks give the eager ones' results; a threaded actor's network on one thread
+of its own gives a one-thread actor's rows; a batch of JPEGs that the batched decoder refuses is
+decoded image by image, the bad file alone an error.
 
 No GPU here: ``DeviceWithRoomFor`` stands in for one by raising ``torch.OutOfMemoryError``, the
 error CUDA raises, when a forward pass needs more than its capacity.
@@ -15,7 +15,6 @@ import datetime as dt
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,13 +34,11 @@ from pipeline import infer
 from pipeline.infer import (
     OneNetworkThread,
     SegmentShards,
-    class_maps,
     compile_network,
     execution,
     fold_batch_norms,
     model_input,
     predict_class_maps,
-    upsampled_class_maps,
 )
 from pipeline.listing import list_shards
 from pipeline.read import read_shards
@@ -254,62 +251,6 @@ def test_channels_last_on_the_cpu_gives_the_class_maps_of_nchw() -> None:
         nchw = predict_class_maps(network, [batch], loaded.preprocessing)[0]
         nhwc = predict_class_maps(network.to(memory_format=torch.channels_last), [batch], loaded.preprocessing, channels_last=True)[0]
     assert len(torch.unique(nchw)) > 1 and torch.equal(nhwc, nchw)
-
-
-def _unet_logits_of_photos() -> torch.Tensor:
-    """The shapes U-Net's NHWC logits for crops of the photos: maps of several classes with borders."""
-    spec = get_model_spec("unet")
-    network = resolve_weights("shapes", spec).build(spec).eval().to(memory_format=torch.channels_last)
-    batch = torch.stack([torch.from_numpy(pixels[:120, :160].copy()).permute(2, 0, 1) for pixels in photos().values()])
-    with torch.inference_mode():
-        return network((batch / 255).contiguous(memory_format=torch.channels_last))["out"]
-
-
-def _between_two_classes_a_third_wins() -> torch.Tensor:
-    """Two logit pixels whose argmaxes are classes 0 and 1; class 2, second at both, wins between them."""
-    return torch.tensor([[10.0, 0.0], [0.0, 10.0], [9.0, 9.0]])[None, :, None, :]
-
-
-@pytest.mark.parametrize(
-    ("make_logits", "height", "width"),
-    [
-        pytest.param(_unet_logits_of_photos, 377, 501, id="trained-unet-upsampled"),
-        pytest.param(_unet_logits_of_photos, 71, 90, id="trained-unet-downsampled"),
-        pytest.param(lambda: torch.randn(3, 21, 37, 53, generator=torch.Generator().manual_seed(8)), 100, 150, id="noise"),
-        pytest.param(lambda: torch.randn(2, 300, 9, 13, generator=torch.Generator().manual_seed(9)), 40, 41, id="300-classes"),
-        pytest.param(lambda: torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(10)), 5, 7, id="one-logit-pixel"),
-        pytest.param(_between_two_classes_a_third_wins, 1, 4, id="a-third-class-wins-between-two"),
-    ],
-)
-def test_class_maps_are_the_argmax_of_the_upsampled_logits(make_logits: Callable[[], torch.Tensor], height: int, width: int) -> None:
-    logits = make_logits()
-    with torch.inference_mode():
-        maps, expected = class_maps(logits, height, width), upsampled_class_maps(logits, height, width)
-    assert maps.dtype == expected.dtype == (torch.uint8 if logits.shape[1] <= 256 else torch.int32)
-    assert maps.shape == expected.shape == (len(logits), height, width)
-    assert logits[0, 0].numel() == 1 or len(torch.unique(expected)) > 1  # class borders, where the corners disagree
-    # float rounding may break a near tie differently: about a pixel in a million, none in these
-    assert torch.equal(maps, expected)
-    if logits.shape[1] == 3:  # the class between the two is no corner's argmax, yet it wins
-        assert maps[0, 0].tolist() == [0, 2, 2, 1]
-
-
-def test_class_maps_of_bf16_logits_are_those_of_float32_upsampling() -> None:
-    logits = _unet_logits_of_photos().to(torch.bfloat16)
-    with torch.inference_mode():
-        maps = class_maps(logits, 377, 501)
-        exact, rounded = upsampled_class_maps(logits.float(), 377, 501), upsampled_class_maps(logits, 377, 501)
-    # eager bf16 upsampling rounds each upsampled logit to bf16, which ties near ones; class_maps interpolates in float32
-    assert torch.equal(maps, exact) and not torch.equal(rounded, exact)
-
-
-def test_class_maps_in_many_small_steps_and_chunks_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    logits = torch.randn(5, 21, 20, 30, generator=torch.Generator().manual_seed(11)).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        whole = class_maps(logits, 40, 50)
-        monkeypatch.setattr(infer, "_OUTPUT_PIXELS_PER_STEP", 2 * 40 * 50)  # steps of two images, then one
-        monkeypatch.setattr(infer, "_GATHERED_LOGITS_PER_CHUNK", 4 * 21 * 100)  # a hundred pixels interpolated at once
-        assert torch.equal(class_maps(logits, 40, 50), whole)
 
 
 class ReportsItsThreadAndModes(nn.Module):
