@@ -180,7 +180,9 @@ print("RESULT " + json.dumps({"equal": torch.equal(maps, eager), "unusable": mod
     result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.split("RESULT ", 1)[1])
-    assert outcome["equal"] and outcome["unusable"], outcome
+    assert outcome["equal"], outcome
+    if outcome["unusable"] is None:
+        pytest.skip("this Triton built the kernel without a C compiler")
     assert "Triton could not build its kernel" in result.stderr
 
 
