@@ -35,8 +35,10 @@ _GATHERED_LOGITS_PER_CHUNK = 2**26
 _MOST_TAPS = 4
 """Most logit rows (and columns) one output pixel may mix for the kernel: 3 where the network's
 logits are upsampled to its input size, 2 where they are at its size already."""
-_BLOCK_ROWS, _BLOCK_COLUMNS = 8, 64
-"""Output pixels per Triton program."""
+_BLOCK_ROWS, _BLOCK_COLUMNS, _WARPS = 2, 128, 4
+"""Output pixels per Triton program, and its warps: two pixels per thread, which leaves the kernel
+40 registers for sm_90a (ptxas), room for 48 warps per SM to hide its gathers' latency; four per
+thread (8x64) took 111, room for 16."""
 _LAUNCH = threading.Lock()
 """Triton's first launch of a kernel compiles it, which its runtime does not guard against a
 threaded actor's other threads doing at once."""
@@ -129,6 +131,7 @@ def _fused_class_maps(logits: torch.Tensor, rows: _Taps, columns: _Taps) -> torc
                 logits, coarse, maps, rows.first, rows.weights, columns.first, columns.weights,
                 classes, logit_height, logit_width, height, width, *logits.stride(),
                 ROW_TAPS=rows.weights.shape[0], COLUMN_TAPS=columns.weights.shape[0], BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLUMNS=_BLOCK_COLUMNS,
+                num_warps=_WARPS,
             )  # fmt: skip
         except torch.OutOfMemoryError:
             raise

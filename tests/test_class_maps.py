@@ -1,8 +1,9 @@
 """Class maps from a semantic network's logits (:mod:`pipeline.class_maps`): the argmax of the
 logits upsampled to the network's input size, cropped to the image and upsampled to its size, in
 float32, but for ties within float rounding (none in these cases). On the CPU through PyTorch's
-operators, and the GPU's Triton kernel through Triton's interpreter; the torchvision networks that
-segpipe runs without their final upsampling give the class maps of the whole network.
+operators, and the GPU's Triton kernel through Triton's interpreter (and compiled for A100s and
+H100s, which needs no GPU); the torchvision networks that segpipe runs without their final
+upsampling give the class maps of the whole network.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as nn_functional
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
 from jobs.sample import photos
 from models import get_model_spec, resolve_weights, without_final_upsampling
@@ -115,3 +119,18 @@ def test_the_gpu_kernel_interpreted_on_the_cpu_gives_the_class_maps_of_float32_u
     assert cases["300-classes"]["dtype"] == "torch.int32" and cases["noise"]["dtype"] == "torch.uint8"
     assert cases["one-class-everywhere"]["classes"] == [5] and cases["a-third-class-wins-between-two"]["classes"] == [0, 1, 2]
     assert all(len(case["classes"]) > 1 for name, case in cases.items() if name != "one-class-everywhere")
+
+
+@pytest.mark.parametrize("architecture", [80, 90])
+@pytest.mark.parametrize(("logit_type", "class_type", "nhwc"), [("bf16", "u8", True), ("bf16", "u8", False), ("fp32", "i32", False)])
+def test_the_gpu_kernel_compiles_for_ampere_and_hopper_without_a_gpu(architecture: int, logit_type: str, class_type: str, nhwc: bool) -> None:
+    # Triton's compiler, which its interpreter skips, to the machine code of an A100 or an H100
+    kernel = class_maps_module._class_maps_kernel
+    pointers = {"logits": logit_type, "coarse": class_type, "maps": class_type, "row_first": "i32", "row_weights": "fp32",
+                "column_first": "i32", "column_weights": "fp32"}  # fmt: skip
+    constants = {"ROW_TAPS": 3, "COLUMN_TAPS": 3, "BLOCK_ROWS": class_maps_module._BLOCK_ROWS,
+                 "BLOCK_COLUMNS": class_maps_module._BLOCK_COLUMNS, **({} if nhwc else {"stride_column": 1})}  # fmt: skip
+    signature = {name: f"*{pointers[name]}" if name in pointers else "constexpr" if name in constants else "i32" for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", architecture, 32), options={"num_warps": class_maps_module._WARPS})
+    assert compiled.asm["cubin"]
