@@ -16,8 +16,7 @@ to local disk and measures, in one run, with random weights (or ``--weights``):
 - **class maps only** (semantic models): the post-processing alone, the logits that the network
   as segpipe runs it gives for the benchmark's images made into class maps at the images' size
   as the pipeline does; on CUDA also in PyTorch's operators (the network's upsampling, then
-  interpolating where corners disagree: the pipeline's way until 2026-11-28), and by upsampling
-  every class, eager and compiled;
+  interpolating where corners disagree: the pipeline's way until 2026-11-28);
 - **decode only**: the benchmark's JPEGs decoded a window at a time, as the model actor takes
   them (:data:`pipeline.infer.DECODE_WINDOW_BATCHES` batches), by TorchCodec's ``decode_jpeg``:
   on CUDA in one batched nvjpeg call (on the GPU's hardware decoder where it has one, else
@@ -83,7 +82,7 @@ from torchcodec.decoders import decode_jpeg
 from benchmarks.corpus import CORPORA, parse_size
 from jobs.run import ensure_ray, plan_actors, run
 from models import Preprocessing, get_model_spec, resolve_weights
-from pipeline.class_maps import class_maps, eager_class_maps, upsampled_class_maps
+from pipeline.class_maps import class_maps, eager_class_maps
 from pipeline.config import RunConfig
 from pipeline.infer import (
     DECODE_WINDOW_BATCHES,
@@ -432,25 +431,15 @@ def baseline(directory: Path, output: Path, model_name: str, weights: str, *, de
     return {"ips": count / seconds, "seconds": seconds}
 
 
-def _class_maps_variants(device: str, *, skip_variants: bool) -> dict[str, Callable[..., torch.Tensor]]:
+def _class_maps_variants(device: str) -> dict[str, Callable[..., torch.Tensor]]:
     """How the class maps step is timed: name -> function. As the pipeline runs it; on CUDA also
-    in PyTorch's operators (the network's own upsampling, then interpolating where the corners
-    disagree: the pipeline's way from the twelfth session until the Triton kernel), and unless
-    ``skip_variants``, by upsampling every class after the network's upsampling, eager (the
-    pipeline's way until the twelfth session) and compiled (Inductor fuses the second upsampling
-    into the argmax)."""
+    in PyTorch's operators (``eager``: the network's own upsampling, then interpolating where the
+    corners disagree, the pipeline's way from the twelfth session until the Triton kernel).
+    Upsampling every class, eager and compiled, was timed until then: HISTORY.md."""
     variants = {_AS_THE_PIPELINE_RUNS_IT: class_maps}
     if device == "cuda":
         variants["eager"] = eager_class_maps
-        if not skip_variants:
-            variants["upsampled"] = _upsampling_every_class
-            variants["upsampled, compiled"] = torch.compile(_upsampling_every_class, dynamic=False)
     return variants
-
-
-def _upsampling_every_class(logits: torch.Tensor, height: int, width: int, *, input_size: tuple[int, int]) -> torch.Tensor:
-    upsampled = torch.nn.functional.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)
-    return upsampled_class_maps(upsampled, height, width)
 
 
 def _reported(phase: str, figures: dict | None) -> dict | None:
@@ -495,7 +484,7 @@ def measure(
     ))  # fmt: skip
     class_maps_ips = {} if spec.task != "semantic" else _reported("class maps only", {
         name: class_maps_only(model_name, weights, images, **shape, bf16=bf16, channels_last=channels_last, make_maps=make_maps)["ips"]
-        for name, make_maps in _class_maps_variants(device, skip_variants=skip_variants).items()
+        for name, make_maps in _class_maps_variants(device).items()
     })  # fmt: skip
     window = DECODE_WINDOW_BATCHES * batch_size
     decoded = _reported("decode only", decode_only(images, count=count, device=device, window=window))
