@@ -45,7 +45,9 @@ threaded actor's other threads doing at once."""
 _logger = logging.getLogger("segpipe.class_maps")
 _kernel_unusable: str | None = None
 """Why Triton could not build the kernel in this process (a node without a C compiler, say),
-once it could not: the class maps then take PyTorch's operators."""
+once its first launch failed: the class maps then take PyTorch's operators."""
+_kernel_ran = False
+"""Whether the kernel has run in this process: from then on its errors are the batch's, not Triton's."""
 
 
 def upsampled_class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -115,14 +117,14 @@ def _composed_taps(size: int, crop_size: int, input_size: int, logit_size: int, 
 
 def _fused_class_maps(logits: torch.Tensor, rows: _Taps, columns: _Taps) -> torch.Tensor | None:
     """The class maps by :func:`_class_maps_kernel`; ``None`` where Triton cannot build it."""
-    global _kernel_unusable
+    global _kernel_unusable, _kernel_ran
     images, classes, logit_height, logit_width = logits.shape
     height, width = rows.first.shape[0], columns.first.shape[0]
     maps = torch.empty((images, height, width), dtype=_class_type(logits), device=logits.device)
     if maps.numel() == 0:
         return maps
     coarse = logits.max(1).indices.to(maps.dtype).contiguous()
-    grid = (triton.cdiv(width, _BLOCK_COLUMNS), triton.cdiv(height, _BLOCK_ROWS), images)
+    grid = (triton.cdiv(height, _BLOCK_ROWS), triton.cdiv(width, _BLOCK_COLUMNS), images)  # CUDA allows 65,535 tiles on y and z, 2**31 on x
     with _LAUNCH:
         if _kernel_unusable is not None:
             return None
@@ -133,9 +135,10 @@ def _fused_class_maps(logits: torch.Tensor, rows: _Taps, columns: _Taps) -> torc
                 ROW_TAPS=rows.weights.shape[0], COLUMN_TAPS=columns.weights.shape[0], BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLUMNS=_BLOCK_COLUMNS,
                 num_warps=_WARPS,
             )  # fmt: skip
-        except torch.OutOfMemoryError:
-            raise
+            _kernel_ran = True
         except Exception as error:  # noqa: BLE001 - whatever stops Triton building it, PyTorch's operators give the same maps
+            if _kernel_ran or isinstance(error, torch.OutOfMemoryError):
+                raise
             _kernel_unusable = f"{type(error).__name__}: {error}"
             _logger.warning("class maps in PyTorch's operators: Triton could not build its kernel here (%s)", _kernel_unusable[:500])
             return None
@@ -153,8 +156,8 @@ def _class_maps_kernel(
     (the logits' own argmax); where the tile has a pixel whose taps disagree, the tile's pixels
     whose taps disagree are interpolated over every class and take the argmax."""
     image = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    columns = tl.program_id(0) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    columns = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
     row_inside, column_inside = rows < height, columns < width
     inside = row_inside[:, None] & column_inside[None, :]
     first_row = tl.load(row_first + rows, mask=row_inside, other=0)
