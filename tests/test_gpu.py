@@ -151,6 +151,7 @@ def test_class_maps_from_threads_on_streams_of_their_own_are_each_threads_own() 
     # each thread's first sizes make the kernel's weights anew, on its own stream, while the others launch
     sizes = [(768 + step, 1024 - step) for step in range(4)]
     coarse = [_coarse_logits(2, seed=6 + thread) for thread in range(4)]
+    torch.cuda.synchronize()  # made on the default stream, read on the threads' own
 
     def call(thread: int) -> torch.Tensor:
         with torch.inference_mode(), torch.cuda.stream(torch.cuda.Stream()):
