@@ -538,6 +538,7 @@ def measure(
         "end_to_end_actors": whole["actors"],
         "baseline_ips": plain["ips"] if plain else None,
         "ratio_model": whole["ips"] / only["ips"],
+        "ratio_model_step": whole["ips"] / step["ips"] if step else None,
         "ratio_baseline": whole["ips"] / plain["ips"] if plain else None,
         "bytes_per_image": whole["bytes_per_image"],
         "raw_class_map_bytes_per_rle_byte": whole["raw_class_map_bytes_per_rle_byte"],

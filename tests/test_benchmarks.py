@@ -80,7 +80,7 @@ def test_throughput_harness_prints_the_documented_keys(tmp_path: Path) -> None:
     os.utime(stale, (time.time() - 3600, time.time() - 3600))
     figures = _throughput("unet", tmp_path, "--actor-only")
     for key in ("model_only_ips", "model_step_ips", "class_maps_only_ips", "decode_only_ips", "actor_only_ips", "end_to_end_ips",
-                "baseline_ips", "ratio_model", "ratio_baseline", "bytes_per_image"):
+                "baseline_ips", "ratio_model", "ratio_model_step", "ratio_baseline", "bytes_per_image"):
         assert isinstance(figures[key], float) and figures[key] > 0, key
     assert figures["ok_images"] == 8 and figures["raw_class_map_bytes_per_rle_byte"] > 1
     # the decoders beside segpipe's: its own from four threads at once, and torchvision's, which this torchvision still has
