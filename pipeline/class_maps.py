@@ -11,8 +11,8 @@ classes. Out: ``(N, H, W)`` class indices, uint8 for up to 256 classes, else int
 Neither upsampling is made for every class. Each output pixel is a weighted mean, with weights
 at least zero, of a few logit pixels; where those agree on their argmax, so does the mean, and
 only the pixels where they disagree (class borders) are interpolated, in float32. On CUDA one
-Triton kernel does both upsamplings at once for those pixels, reading the logits as the network
-left them; elsewhere the network's upsampling to its input size is made as the network made it,
+Triton kernel (:mod:`pipeline.class_maps_kernel`) does both upsamplings at once for those pixels,
+reading the logits as the network left them; elsewhere the network's upsampling to its input size is made as the network made it,
 and only the second is spared (:func:`eager_class_maps`).
 """
 
@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as nn_functional
-import triton
-import triton.language as tl
+
+try:
+    from pipeline import class_maps_kernel
+except ImportError:  # no Triton for this platform (PyTorch's wheels bring it to Linux): PyTorch's operators then
+    class_maps_kernel = None
 
 _OUTPUT_PIXELS_PER_STEP = 2**25
 """Class map pixels made at once by :func:`eager_class_maps`: at most 10 bytes of device memory each."""
@@ -35,15 +37,8 @@ _GATHERED_LOGITS_PER_CHUNK = 2**26
 _MOST_TAPS = 4
 """Most logit rows (and columns) one output pixel may mix for the kernel: 3 where the network's
 logits are upsampled to its input size, 2 where they are at its size already."""
-_BLOCK_ROWS, _BLOCK_COLUMNS, _WARPS = 2, 128, 4
-"""Output pixels per Triton program, and its warps: two pixels per thread, which leaves the kernel
-40 registers for sm_90a (ptxas), room for 48 warps per SM to hide its gathers' latency; four per
-thread (8x64) took 111, room for 16."""
-_LAUNCH = threading.Lock()
-"""Triton's first launch of a kernel compiles it, which its runtime does not guard against a
-threaded actor's other threads doing at once."""
 _logger = logging.getLogger("segpipe.class_maps")
-_kernel_unusable: str | None = None
+_kernel_unusable: str | None = None if class_maps_kernel else "no Triton for this platform"
 """Why Triton could not build the kernel in this process (a node without a C compiler, say),
 once its first launch failed: the class maps then take PyTorch's operators."""
 _kernel_ran = False
@@ -116,87 +111,22 @@ def _composed_taps(size: int, crop_size: int, input_size: int, logit_size: int, 
 
 
 def _fused_class_maps(logits: torch.Tensor, rows: _Taps, columns: _Taps) -> torch.Tensor | None:
-    """The class maps by :func:`_class_maps_kernel`; ``None`` where Triton cannot build it."""
+    """The class maps by :mod:`pipeline.class_maps_kernel`; ``None`` where Triton cannot build it."""
     global _kernel_unusable, _kernel_ran
-    images, classes, logit_height, logit_width = logits.shape
-    height, width = rows.first.shape[0], columns.first.shape[0]
-    maps = torch.empty((images, height, width), dtype=_class_type(logits), device=logits.device)
+    maps = torch.empty((len(logits), len(rows.first), len(columns.first)), dtype=_class_type(logits), device=logits.device)
     if maps.numel() == 0:
         return maps
     coarse = logits.max(1).indices.to(maps.dtype).contiguous()
-    grid = (triton.cdiv(height, _BLOCK_ROWS), triton.cdiv(width, _BLOCK_COLUMNS), images)  # CUDA allows 65,535 tiles on y and z, 2**31 on x
-    with _LAUNCH:
-        if _kernel_unusable is not None:
-            return None
-        try:
-            _class_maps_kernel[grid](
-                logits, coarse, maps, rows.first, rows.weights, columns.first, columns.weights,
-                classes, logit_height, logit_width, height, width, *logits.stride(),
-                ROW_TAPS=rows.weights.shape[0], COLUMN_TAPS=columns.weights.shape[0], BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLUMNS=_BLOCK_COLUMNS,
-                num_warps=_WARPS,
-            )  # fmt: skip
-            _kernel_ran = True
-        except Exception as error:  # noqa: BLE001 - whatever stops Triton building it, PyTorch's operators give the same maps
-            if _kernel_ran or isinstance(error, torch.OutOfMemoryError):
-                raise
-            _kernel_unusable = f"{type(error).__name__}: {error}"
-            _logger.warning("class maps in PyTorch's operators: Triton could not build its kernel here (%s)", _kernel_unusable[:500])
-            return None
+    try:
+        class_maps_kernel.fill(maps, logits, coarse, rows.first, rows.weights, columns.first, columns.weights)
+        _kernel_ran = True
+    except Exception as error:  # noqa: BLE001 - whatever stops Triton building it, PyTorch's operators give the same maps
+        if _kernel_ran or isinstance(error, torch.OutOfMemoryError):
+            raise
+        _kernel_unusable = f"{type(error).__name__}: {error}"
+        _logger.warning("class maps in PyTorch's operators: Triton could not build its kernel here (%s)", _kernel_unusable[:500])
+        return None
     return maps
-
-
-@triton.jit(do_not_specialize=["classes", "logit_height", "logit_width", "height", "width", "stride_image", "stride_class", "stride_row"])
-def _class_maps_kernel(
-    logits, coarse, maps, row_first, row_weights, column_first, column_weights,
-    classes, logit_height, logit_width, height, width, stride_image, stride_class, stride_row, stride_column,
-    ROW_TAPS: tl.constexpr, COLUMN_TAPS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr,
-):  # fmt: skip
-    """One ``BLOCK_ROWS x BLOCK_COLUMNS`` tile of one image's class map. Each output pixel takes
-    the class of its first tap where every tap of positive weight has that class in ``coarse``
-    (the logits' own argmax); where the tile has a pixel whose taps disagree, the tile's pixels
-    whose taps disagree are interpolated over every class and take the argmax."""
-    image = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    columns = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
-    row_inside, column_inside = rows < height, columns < width
-    inside = row_inside[:, None] & column_inside[None, :]
-    first_row = tl.load(row_first + rows, mask=row_inside, other=0)
-    first_column = tl.load(column_first + columns, mask=column_inside, other=0)
-    coarse_image = coarse + image * logit_height * logit_width
-    reference = tl.load(coarse_image + first_row[:, None] * logit_width + first_column[None, :], mask=inside, other=0)
-    disagree = tl.zeros([BLOCK_ROWS, BLOCK_COLUMNS], dtype=tl.int32)
-    for row_tap in tl.static_range(ROW_TAPS):
-        row = tl.minimum(first_row + row_tap, logit_height - 1)
-        row_used = tl.load(row_weights + row_tap * height + rows, mask=row_inside, other=0.0) > 0
-        for column_tap in tl.static_range(COLUMN_TAPS):
-            column = tl.minimum(first_column + column_tap, logit_width - 1)
-            column_used = tl.load(column_weights + column_tap * width + columns, mask=column_inside, other=0.0) > 0
-            tap = tl.load(coarse_image + row[:, None] * logit_width + column[None, :], mask=inside, other=0)
-            used = row_used[:, None] & column_used[None, :]
-            disagree = tl.where(used & (tap != reference), 1, disagree)
-    result = reference.to(tl.int32)
-    if tl.sum(tl.sum(disagree, axis=1), axis=0) > 0:
-        logits_image = logits + image * stride_image
-        best = tl.full([BLOCK_ROWS, BLOCK_COLUMNS], float("-inf"), dtype=tl.float32)
-        best_class = tl.zeros([BLOCK_ROWS, BLOCK_COLUMNS], dtype=tl.int32)
-        for class_index in range(classes):
-            logits_class = logits_image + class_index * stride_class
-            value = tl.zeros([BLOCK_ROWS, BLOCK_COLUMNS], dtype=tl.float32)
-            for row_tap in tl.static_range(ROW_TAPS):
-                row = tl.minimum(first_row + row_tap, logit_height - 1)
-                row_weight = tl.load(row_weights + row_tap * height + rows, mask=row_inside, other=0.0)
-                across = tl.zeros([BLOCK_ROWS, BLOCK_COLUMNS], dtype=tl.float32)
-                for column_tap in tl.static_range(COLUMN_TAPS):
-                    column = tl.minimum(first_column + column_tap, logit_width - 1)
-                    column_weight = tl.load(column_weights + column_tap * width + columns, mask=column_inside, other=0.0)
-                    logit = tl.load(logits_class + row[:, None] * stride_row + column[None, :] * stride_column, mask=inside, other=0.0)
-                    across += column_weight[None, :] * logit.to(tl.float32)
-                value += row_weight[:, None] * across
-            better = value > best
-            best = tl.where(better, value, best)
-            best_class = tl.where(better, class_index, best_class)
-        result = tl.where(disagree > 0, best_class, result)
-    tl.store(maps + image * height * width + rows[:, None] * width + columns[None, :], result.to(maps.dtype.element_ty), mask=inside)
 
 
 def eager_class_maps(

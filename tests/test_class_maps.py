@@ -2,8 +2,9 @@
 logits upsampled to the network's input size, cropped to the image and upsampled to its size, in
 float32, but for ties within float rounding (none in these cases). On the CPU through PyTorch's
 operators, and the GPU's Triton kernel through Triton's interpreter (and compiled for A100s and
-H100s, which needs no GPU); the torchvision networks that segpipe runs without their final
-upsampling give the class maps of the whole network.
+H100s, which needs no GPU); without Triton, segpipe still imports and makes them; the
+torchvision networks that segpipe runs without their final upsampling give the class maps of the
+whole network.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from triton.compiler import ASTSource
 from jobs.sample import photos
 from models import get_model_spec, resolve_weights, without_final_upsampling
 from pipeline import class_maps as class_maps_module
+from pipeline import class_maps_kernel
 from pipeline.class_maps import class_maps, upsampled_class_maps
 from pipeline.infer import predict_class_maps
 
@@ -125,12 +127,30 @@ def test_the_gpu_kernel_interpreted_on_the_cpu_gives_the_class_maps_of_float32_u
 @pytest.mark.parametrize(("logit_type", "class_type", "nhwc"), [("bf16", "u8", True), ("bf16", "u8", False), ("fp32", "i32", False)])
 def test_the_gpu_kernel_compiles_for_ampere_and_hopper_without_a_gpu(architecture: int, logit_type: str, class_type: str, nhwc: bool) -> None:
     # Triton's compiler, which its interpreter skips, to the machine code of an A100 or an H100
-    kernel = class_maps_module._class_maps_kernel
+    kernel = class_maps_kernel.fill_tile
     pointers = {"logits": logit_type, "coarse": class_type, "maps": class_type, "row_first": "i32", "row_weights": "fp32",
                 "column_first": "i32", "column_weights": "fp32"}  # fmt: skip
-    constants = {"ROW_TAPS": 3, "COLUMN_TAPS": 3, "BLOCK_ROWS": class_maps_module._BLOCK_ROWS,
-                 "BLOCK_COLUMNS": class_maps_module._BLOCK_COLUMNS, **({} if nhwc else {"stride_column": 1})}  # fmt: skip
+    constants = {"ROW_TAPS": 3, "COLUMN_TAPS": 3, "BLOCK_ROWS": class_maps_kernel.BLOCK_ROWS,
+                 "BLOCK_COLUMNS": class_maps_kernel.BLOCK_COLUMNS, **({} if nhwc else {"stride_column": 1})}  # fmt: skip
     signature = {name: f"*{pointers[name]}" if name in pointers else "constexpr" if name in constants else "i32" for name in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=signature, constexprs={(kernel.arg_names.index(name),): value for name, value in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", architecture, 32), options={"num_warps": class_maps_module._WARPS})
+    compiled = triton.compile(source, target=GPUTarget("cuda", architecture, 32), options={"num_warps": class_maps_kernel.WARPS})
     assert compiled.asm["cubin"]
+
+
+def test_without_triton_segpipe_imports_and_makes_class_maps_in_pytorchs_operators() -> None:
+    # PyTorch's wheels bring Triton to Linux only: on a Mac, say, `import triton` fails
+    code = """
+import sys
+sys.modules["triton"] = None
+import torch
+import pipeline.infer
+from pipeline import class_maps as module
+logits, sizes = torch.randn(2, 5, 9, 12, generator=torch.Generator().manual_seed(13)), {"input_size": (36, 48), "crop": (36, 45)}
+equal = torch.equal(module.class_maps(logits, 30, 40, **sizes), module.eager_class_maps(logits, 30, 40, **sizes))
+print("RESULT", module._kernel_unusable, equal)
+"""
+    environment = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("RESULT ", 1)[1].strip() == "no Triton for this platform True"
