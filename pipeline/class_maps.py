@@ -67,12 +67,12 @@ def class_maps(
     6x faster than upsampling them (see benchmarks/HISTORY.md)."""
     input_size = input_size or (logits.shape[-2], logits.shape[-1])
     crop = crop or input_size
-    if logits.is_cuda:
+    if logits.is_cuda and _kernel_unusable is None:
         rows, columns = (
             _composed_taps(size, crop_size, input_side, logit_side, logits.device)
             for size, crop_size, input_side, logit_side in zip((height, width), crop, input_size, logits.shape[-2:])
         )
-        if max(rows.weights.shape[0], columns.weights.shape[0]) <= _MOST_TAPS and _kernel_unusable is None:
+        if max(rows.weights.shape[0], columns.weights.shape[0]) <= _MOST_TAPS:
             maps = _fused_class_maps(logits, rows, columns)
             if maps is not None:
                 return maps
