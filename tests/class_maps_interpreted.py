@@ -1,7 +1,7 @@
 """Run by tests/test_class_maps.py in a process of its own, with ``TRITON_INTERPRET=1`` set before
 Triton is imported: :mod:`pipeline.class_maps`'s CUDA kernel run by Triton's interpreter on this
 machine's CPU, on each case's logits, against float32 upsampling to the input size, cropping,
-upsampling to the output size and argmax.
+upsampling to the output size and argmax. tests/test_class_maps.py also imports a case's logits.
 
 Usage: ``TRITON_INTERPRET=1 python tests/class_maps_interpreted.py``; prints one line ``RESULT {json}``:
 per case, the maps' dtype, their pixels and how many of them differ from the float32 maps.
@@ -18,9 +18,6 @@ import torch.nn.functional as nn_functional
 
 from pipeline.class_maps import _composed_taps, _fused_class_maps, upsampled_class_maps
 
-assert os.environ.get("TRITON_INTERPRET") == "1", "Triton runs kernels on the CPU only in its interpreter"
-
-
 def _smooth(images: int, classes: int, height: int, width: int, seed: int) -> torch.Tensor:
     """Logits of a few regions each, with noise at the borders, as a network's coarse logits look."""
     generator = torch.Generator().manual_seed(seed)
@@ -28,7 +25,7 @@ def _smooth(images: int, classes: int, height: int, width: int, seed: int) -> to
     return nn_functional.interpolate(regions, size=(height, width), mode="bilinear") + torch.randn(images, classes, height, width, generator=generator) * 0.3
 
 
-def _between_two_classes_a_third_wins() -> torch.Tensor:
+def between_two_classes_a_third_wins() -> torch.Tensor:
     """Two logit pixels whose argmaxes are classes 0 and 1; class 2, second at both, wins between them."""
     return torch.tensor([[10.0, 0.0], [0.0, 10.0], [9.0, 9.0]])[None, :, None, :]
 
@@ -42,7 +39,7 @@ CASES: dict[str, tuple[Callable[[], torch.Tensor], tuple[int, int], tuple[int, i
     "at-input-size": (lambda: _smooth(2, 4, 30, 40, seed=5), (30, 40), (30, 40), (61, 83)),
     "one-class-everywhere": (lambda: torch.arange(6.0)[None, :, None, None].expand(2, 6, 8, 10).contiguous(), (64, 80), (60, 80), (75, 100)),
     "300-classes": (lambda: torch.randn(1, 300, 3, 3, generator=torch.Generator().manual_seed(6)), (24, 24), (24, 20), (8, 16)),
-    "a-third-class-wins-between-two": (_between_two_classes_a_third_wins, (1, 2), (1, 2), (1, 4)),
+    "a-third-class-wins-between-two": (between_two_classes_a_third_wins, (1, 2), (1, 2), (1, 4)),
 }  # fmt: skip
 
 
@@ -56,5 +53,6 @@ def _compare(logits: torch.Tensor, input_size: tuple[int, int], crop: tuple[int,
 
 
 if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "Triton runs kernels on the CPU only in its interpreter"
     with torch.inference_mode():
         print("RESULT " + json.dumps({name: _compare(make(), *sizes) for name, (make, *sizes) in CASES.items()}), flush=True)

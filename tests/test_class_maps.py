@@ -23,6 +23,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from class_maps_interpreted import between_two_classes_a_third_wins
 from jobs.sample import photos
 from models import get_model_spec, resolve_weights, without_final_upsampling
 from pipeline import class_maps as class_maps_module
@@ -40,11 +41,6 @@ def _unet_logits_of_photos() -> torch.Tensor:
         return network((batch / 255).contiguous(memory_format=torch.channels_last))["out"]
 
 
-def _between_two_classes_a_third_wins() -> torch.Tensor:
-    """Two logit pixels whose argmaxes are classes 0 and 1; class 2, second at both, wins between them."""
-    return torch.tensor([[10.0, 0.0], [0.0, 10.0], [9.0, 9.0]])[None, :, None, :]
-
-
 @pytest.mark.parametrize(
     ("make_logits", "height", "width"),
     [
@@ -53,7 +49,7 @@ def _between_two_classes_a_third_wins() -> torch.Tensor:
         pytest.param(lambda: torch.randn(3, 21, 37, 53, generator=torch.Generator().manual_seed(8)), 100, 150, id="noise"),
         pytest.param(lambda: torch.randn(2, 300, 9, 13, generator=torch.Generator().manual_seed(9)), 40, 41, id="300-classes"),
         pytest.param(lambda: torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(10)), 5, 7, id="one-logit-pixel"),
-        pytest.param(_between_two_classes_a_third_wins, 1, 4, id="a-third-class-wins-between-two"),
+        pytest.param(between_two_classes_a_third_wins, 1, 4, id="a-third-class-wins-between-two"),
     ],
 )
 def test_class_maps_are_the_argmax_of_the_upsampled_logits(make_logits: Callable[[], torch.Tensor], height: int, width: int) -> None:
