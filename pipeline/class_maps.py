@@ -45,10 +45,14 @@ _kernel_ran = False
 """Whether the kernel has run in this process: from then on its errors are the batch's, not Triton's."""
 
 
-def upsampled_class_maps(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def upsampled_class_maps(
+    logits: torch.Tensor, height: int, width: int, *, input_size: tuple[int, int] | None = None, crop: tuple[int, int] | None = None
+) -> torch.Tensor:
     """``(n, height, width)`` class maps of ``(n, classes, h, w)`` logits by definition: bilinear
+    upsampling to ``input_size`` and cropping to ``crop`` as in :func:`class_maps`, bilinear
     upsampling to ``height`` x ``width``, then argmax; uint8 for up to 256 classes, else int32.
     :func:`class_maps` gives the same maps without upsampling every class at every pixel."""
+    logits = _cropped_at_input_size(logits, input_size, crop)
     upsampled = nn_functional.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
     return upsampled.max(1).indices.to(_class_type(logits))  # max's indices are argmax's, and on CPUs 4x faster over the channels
 
@@ -138,13 +142,18 @@ def eager_class_maps(
     pixel takes its four corners' class, except where they disagree (along class borders, 0 to 6%
     of the pixels of the models' maps measured) and the corners' logits are interpolated in
     float32 there."""
-    if input_size is not None and input_size != logits.shape[-2:]:
-        logits = nn_functional.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)
-    if crop is not None:
-        logits = logits[..., : crop[0], : crop[1]]
+    logits = _cropped_at_input_size(logits, input_size, crop)
     images_per_step = max(1, _OUTPUT_PIXELS_PER_STEP // (height * width))
     steps = [_class_maps_of_step(step, height, width) for step in logits.split(images_per_step)]
     return steps[0] if len(steps) == 1 else torch.cat(steps)  # a batch is mostly one step: no copy of its maps
+
+
+def _cropped_at_input_size(logits: torch.Tensor, input_size: tuple[int, int] | None, crop: tuple[int, int] | None) -> torch.Tensor:
+    """``logits`` upsampled to ``input_size`` as the network would have (not where they are at
+    that size already), and cropped to its top-left ``crop``."""
+    if input_size is not None and input_size != logits.shape[-2:]:
+        logits = nn_functional.interpolate(logits, size=input_size, mode="bilinear", align_corners=False)
+    return logits if crop is None else logits[..., : crop[0], : crop[1]]
 
 
 def _class_maps_of_step(logits: torch.Tensor, height: int, width: int) -> torch.Tensor:

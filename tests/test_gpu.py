@@ -132,8 +132,7 @@ def _coarse_logits(images: int, seed: int) -> torch.Tensor:
 
 
 def _upsampled_twice(coarse: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    upsampled = nn_functional.interpolate(coarse.float(), size=(520, 704), mode="bilinear", align_corners=False)
-    return upsampled_class_maps(upsampled[..., :520, :693], height, width)
+    return upsampled_class_maps(coarse.float(), height, width, input_size=(520, 704), crop=(520, 693))
 
 
 @pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format], ids=["nhwc", "nchw"])
